@@ -1,0 +1,142 @@
+"""The ``bridge`` command: ``serve`` (the worker, and the default), ``encode``, ``decode``.
+
+``serve`` is careful about order: stdout is claimed for frames before any
+module that might print is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    SUBCOMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+def _fds(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected IN,OUT, e.g. 3,4") from None
+    return a, b
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fds", type=_fds, metavar="IN,OUT",
+                   help="read and write frames on these descriptors (Erlang nouse_stdio: 3,4)")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error", "critical"])
+    p.add_argument("--handlers", action="append", default=[], metavar="MODULE",
+                   help="import this module of @handler functions (repeatable)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also serve stream_count, sleep and rpc_loop (benchmarks, health checks)")
+    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--max-threads", type=int, default=32, help="worker threads for sync handlers")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")
+    p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
+    p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
+    sub = parser.add_subparsers(dest="command")
+    add_serve_options(sub.add_parser("serve", help="run the worker (default)"))
+    sub.add_parser("encode", help="JSON lines on stdin -> frames on stdout")
+    sub.add_parser("decode", help="frames on stdin -> JSON lines on stdout")
+    return parser
+
+
+@_subcommand
+def cmd_serve(opts: argparse.Namespace) -> int:
+    from . import stdio
+
+    if opts.fds:
+        in_fd, out_fd = opts.fds
+        stdio.divert_stdout()
+    else:
+        in_fd, out_fd = 0, stdio.claim_stdout()
+    stdio.setup_logging(opts.log_level)
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+    import anyio
+
+    from .registry import REGISTRY
+    from .server import Config, Server
+
+    modules = ["bridge.handlers.core"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
+    try:
+        for module in modules + opts.handlers:
+            REGISTRY.load(module)
+    except Exception as exc:
+        print(f"bridge: cannot load handler module: {exc!r}", file=sys.stderr)
+        return 2
+    server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
+                           max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
+                           tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects))
+    code = 1
+    try:
+        code = anyio.run(server.serve)
+    except BaseException:
+        import logging
+        logging.getLogger("bridge").exception("the worker loop crashed")
+    finally:
+        if server.writer is not None:
+            server.writer.flush_blocking(timeout=2.0)
+        stdio.hard_exit(code)
+    return code  # not reached: hard_exit does not return
+
+
+@_subcommand
+def cmd_encode(opts: argparse.Namespace) -> int:
+    from . import framing, jsontags
+
+    out, status = sys.stdout.buffer, 0
+    for lineno, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            out.write(framing.encode(jsontags.loads(line)))
+        except ValueError as exc:
+            print(f"bridge encode: line {lineno}: {exc}", file=sys.stderr)
+            status = 1
+        out.flush()
+    return status
+
+
+@_subcommand
+def cmd_decode(opts: argparse.Namespace) -> int:
+    from . import framing, jsontags
+
+    decoder, status = framing.Decoder(max_frame_bytes=2**32 - 1), 0
+    stdin = sys.stdin.buffer
+    while data := stdin.read1(65536):
+        for event in decoder.feed(data):
+            status |= _print_event(event)
+    for event in decoder.close():
+        status |= _print_event(event)
+    return status
+
+
+def _print_event(event: object) -> int:
+    from . import framing, jsontags
+
+    if isinstance(event, framing.Frame):
+        print(jsontags.dumps(event.body), flush=True)
+        return 0
+    print(f"bridge decode: {event}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    opts = build_parser().parse_args(argv)
+    return SUBCOMMANDS[opts.command](opts)

@@ -1,0 +1,128 @@
+"""Sans-I/O framing: Erlang ``{packet, 4}`` frames holding one msgpack map each.
+
+Bytes go in, typed events come out; frames go in, bytes come out.  Nothing here
+touches a descriptor, so every edge case (cut frames, oversize lengths, garbage)
+is testable without a process or an event loop.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+_packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A well-formed frame: one decoded msgpack map."""
+
+    body: dict
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame:
+    """A frame the peer got wrong; ``reason`` says how.  The stream stays in sync."""
+
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FrameTooLarge:
+    """A length over the limit.  Its body is skipped, not buffered."""
+
+    size: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """End of input in the middle of a frame."""
+
+    have: int
+    want: int
+
+
+Event = Frame | BadFrame | FrameTooLarge | Truncated
+
+
+def encode(obj: Any) -> bytes:
+    """One frame: length header plus msgpack body (``use_bin_type`` keeps bytes as bytes)."""
+    body = _packer.pack(obj)
+    return HEADER.pack(len(body)) + body
+
+
+def unpack_body(body: bytes | memoryview) -> Frame | BadFrame:
+    """Decode one frame body; anything but exactly one map is a ``BadFrame``."""
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except msgpack.ExtraData:
+        return BadFrame("more than one msgpack object in the frame", len(body))
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        return BadFrame(f"invalid msgpack: {exc}", len(body))
+    if not isinstance(obj, dict):
+        return BadFrame(f"frame is a {type(obj).__name__}, not a map", len(body))
+    return Frame(obj)
+
+
+class Decoder:
+    """Incremental decoder: ``feed`` any cut of the byte stream, get whole-frame events."""
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._skip = 0  # bytes of an oversize body still to discard
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Consume ``data``; return the events of every frame it completes."""
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        buf = self._buf
+        buf += data
+        events: list[Event] = []
+        pos, end = 0, len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > self.max_frame_bytes:
+                    events.append(FrameTooLarge(size, self.max_frame_bytes))
+                    available = end - pos - 4
+                    pos += 4 + min(size, available)
+                    self._skip = size - min(size, available)
+                    continue
+                if end - pos - 4 < size:
+                    break
+                events.append(unpack_body(view[pos + 4 : pos + 4 + size]))
+                pos += 4 + size
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+        return events
+
+    def close(self) -> list[Event]:
+        """Signal end of input: a partial frame left over becomes ``Truncated``."""
+        if self._skip:
+            skipped, self._skip = self._skip, 0
+            return [Truncated(0, skipped)]
+        if not self._buf:
+            return []
+        have = len(self._buf)
+        want = HEADER.unpack_from(self._buf)[0] + 4 if have >= 4 else 4
+        self._buf.clear()
+        return [Truncated(have, want)]
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)

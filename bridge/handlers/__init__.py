@@ -1,0 +1,1 @@
+"""Built-in handler modules.  ``core`` is always loaded; ``diagnostics`` behind ``--diagnostics``."""

@@ -1,0 +1,202 @@
+"""Protocol v1, sans-I/O: frame maps in, typed events out; outgoing frame maps built here.
+
+Everything the peer can get wrong is caught here and returned as a ``Rejected``
+event carrying the error frame to send, so the server never has to guess which
+side caused an error.  See ``docs/protocol.md`` for the full contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+RequestId = int | str
+
+
+class ErrorType:
+    """Every ``error.type`` the worker emits.  Peer-caused first, then ours."""
+
+    BAD_FRAME = "bad_frame"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_COMMAND = "unknown_command"
+    DUPLICATE_ID = "duplicate_id"
+    FRAME_TOO_LARGE = "frame_too_large"
+    SHUTTING_DOWN = "shutting_down"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    HANDLER_ERROR = "handler_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(slots=True)
+class Request:
+    id: RequestId
+    command: str
+    args: dict
+    session_id: str | None = None
+    timeout_ms: int | None = None
+    window: int | None = None
+    telemetry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    id: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    id: Any
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class RpcResponse:
+    rpc_id: Any
+    ok: bool
+    result: Any = None
+    error: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A frame the peer got wrong; ``frame`` is the error frame to answer with."""
+
+    frame: dict
+
+
+Event = Request | Cancel | Credit | RpcResponse | Shutdown | Rejected
+
+
+class PeerError(Exception):
+    """Raised by a handler (or by us on the peer's behalf) for input the peer got wrong.
+
+    It becomes an error frame of ``type`` with no traceback: the peer needs the
+    message, not our stack.
+    """
+
+    def __init__(self, type: str, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.details = details
+
+
+def _is_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def _opt_int(body: dict, key: str, minimum: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PeerError(ErrorType.BAD_REQUEST, f"'{key}' must be an integer >= {minimum}")
+    return value
+
+
+def _parse_request(body: dict) -> Request | Rejected:
+    rid = body.get("id")
+    if not _is_id(rid):
+        return Rejected(error(None, ErrorType.BAD_REQUEST, "request 'id' must be an int or a str"))
+    command = body.get("command")
+    if not isinstance(command, str):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'command' must be a str"))
+    args = body.get("args")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'args' must be a map"))
+    session_id = body.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'session_id' must be a str"))
+    try:
+        timeout_ms = _opt_int(body, "timeout_ms", 0)
+        window = _opt_int(body, "window", 1)
+    except PeerError as exc:
+        return Rejected(error(rid, exc.type, exc.message))
+    return Request(rid, command, args, session_id, timeout_ms, window, body.get("telemetry") is True)
+
+
+def parse(body: dict) -> Event:
+    """Turn one decoded frame map into a typed event, or a ``Rejected`` for bad input."""
+    kind = body.get("type")
+    if kind == "request":
+        return _parse_request(body)
+    if kind == "cancel":
+        return Cancel(body.get("id"))
+    if kind == "rpc_response":
+        return _parse_rpc_response(body)
+    if kind == "credit":
+        n = body.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return Rejected(error(None, ErrorType.BAD_FRAME, "credit 'n' must be an integer >= 1"))
+        return Credit(body.get("id"), n)
+    if kind == "shutdown":
+        return Shutdown()
+    if kind is None:
+        return Rejected(error(None, ErrorType.BAD_FRAME, "frame has no 'type'"))
+    return Rejected(error(None, ErrorType.BAD_FRAME, f"unknown frame type {kind!r}",
+                          {"type": kind if isinstance(kind, str) else repr(kind)}))
+
+
+def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
+    ok = body.get("ok")
+    if not isinstance(ok, bool) or "rpc_id" not in body:
+        return Rejected(error(None, ErrorType.BAD_FRAME, "rpc_response needs 'rpc_id' and a boolean 'ok'"))
+    err = body.get("error")
+    if not ok and not isinstance(err, dict):
+        err = {"type": "tool_error", "message": repr(err)}
+    return RpcResponse(body["rpc_id"], ok, body.get("result"), err or {})
+
+
+# ---- worker -> host frames -------------------------------------------------------
+
+def ready(version: str, pid: int, commands: list[str], capabilities: list[str]) -> dict:
+    return {"type": "ready", "protocol": PROTOCOL_VERSION, "version": version, "pid": pid,
+            "commands": commands, "capabilities": capabilities}
+
+
+def chunk(rid: RequestId, seq: int, data: Any) -> dict:
+    return {"type": "chunk", "id": rid, "seq": seq, "data": data}
+
+
+def result(rid: RequestId, data: Any, meta: dict | None = None) -> dict:
+    frame = {"type": "result", "id": rid, "data": data}
+    if meta is not None:
+        frame["meta"] = meta
+    return frame
+
+
+def error(rid: RequestId | None, type: str, message: str, details: dict | None = None,
+          traceback: str | None = None, meta: dict | None = None) -> dict:
+    err: dict[str, Any] = {"type": type, "message": message}
+    if details is not None:
+        err["details"] = details
+    if traceback is not None:
+        err["traceback"] = traceback
+    frame = {"type": "error", "id": rid, "error": err}
+    if meta is not None:
+        frame["meta"] = meta
+    return frame
+
+
+def rpc_request(rpc_id: int, rid: RequestId, tool: str, args: list, kwargs: dict,
+                timeout_ms: int | None) -> dict:
+    return {"type": "rpc_request", "rpc_id": rpc_id, "id": rid, "tool": tool, "args": args,
+            "kwargs": kwargs, "timeout_ms": timeout_ms}
+
+
+def rpc_cancel(rpc_id: int) -> dict:
+    return {"type": "rpc_cancel", "rpc_id": rpc_id}
+
+
+def is_terminal(frame: dict) -> bool:
+    return frame.get("type") in ("result", "error")

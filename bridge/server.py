@@ -1,0 +1,321 @@
+"""The worker's event loop: read frames, dispatch requests, write chunks and results.
+
+One anyio task group owns everything: the reader (this module), the writer
+task, the signal watcher, the session sweeper, warm-ups, and one task per
+non-inline request.  Requests are cancelled through their own cancel scopes;
+the reader never blocks on a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from . import __version__, framing, protocol
+from .context import Context, RequestClosed
+from .protocol import ErrorType, PeerError
+from .registry import REGISTRY, Entry, Kind, Registry
+from .sessions import SessionStore
+from .tools import ToolBridge
+from .transport import FrameWriter, peer_closed, prepare_fd, read_some
+
+log = logging.getLogger("bridge.server")
+
+CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions"]
+
+
+@dataclass
+class Config:
+    in_fd: int = 0
+    out_fd: int = 1
+    max_frame_bytes: int = framing.MAX_FRAME_BYTES
+    max_threads: int = 32
+    drain_timeout: float = 30.0
+    tool_timeout_ms: int = 30_000
+    max_objects: int = 10_000
+    handlers: list[str] = field(default_factory=list)
+
+
+class Inflight:
+    """One running request: its context, cancel scope and why it was cancelled."""
+
+    __slots__ = ("ctx", "scope", "reason")
+
+    def __init__(self, ctx: Context, deadline: float) -> None:
+        self.ctx = ctx
+        self.scope = anyio.CancelScope(deadline=deadline)
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+class Server:
+    def __init__(self, config: Config, registry: Registry = REGISTRY) -> None:
+        self.config = config
+        self.registry = registry
+        self.started = time.monotonic()
+        self.inflight: dict[Any, Inflight] = {}
+        self.sessions = SessionStore(config.max_objects)
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.shutting_down = False
+        self.writer: FrameWriter = None  # type: ignore[assignment]  # set in serve()
+        self.tools: ToolBridge = None  # type: ignore[assignment]
+        self.warm = anyio.Event()
+        self._limiter = anyio.CapacityLimiter(config.max_threads)
+        self._idle = anyio.Event()
+        self._token: Any = None
+        self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until shutdown, EOF or a closed port; returns the process exit code."""
+        cfg = self.config
+        prepare_fd(cfg.in_fd)
+        prepare_fd(cfg.out_fd)
+        self.writer = FrameWriter(cfg.out_fd)
+        self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
+        self._token = anyio.lowlevel.current_token()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self.writer.run)
+            self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
+            tg.start_soon(self._watch_signals)
+            tg.start_soon(self._sweep_sessions)
+            tg.start_soon(self._warm_up)
+            tg.start_soon(self._watch_broken_pipe)
+            await self._read_loop()
+        return 0
+
+    async def _read_loop(self) -> None:
+        decoder = framing.Decoder(self.config.max_frame_bytes)
+        fd = self.config.in_fd
+        while True:
+            try:
+                data = await read_some(fd)
+            except OSError:
+                data = b""
+            if not data:
+                for event in decoder.close():
+                    self._on_decoded(event)
+                await self._on_eof()
+                return
+            self.bytes_in += len(data)
+            for event in decoder.feed(data):
+                self._on_decoded(event)
+            if self.writer.congested:
+                await self.writer.wait_drained()
+            await anyio.lowlevel.checkpoint()
+
+    async def _on_eof(self) -> None:
+        """EOF on input: a closed port exits at once; a finished shell pipe drains first."""
+        self.tools.input_closed()
+        if peer_closed(self.config.out_fd):
+            log.info("input and output closed (port_close): exiting now")
+            self._tg.cancel_scope.cancel()
+            return
+        log.info("EOF on input: finishing %d request(s) in flight", len(self.inflight))
+        self._tg.start_soon(self._drain)
+
+    def begin_shutdown(self) -> None:
+        if not self.shutting_down:
+            self.shutting_down = True
+            self._tg.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish (bounded by ``drain_timeout``), then stop."""
+        self.shutting_down = True
+        with anyio.move_on_after(self.config.drain_timeout):
+            while self.inflight:
+                await self._idle.wait()
+        for state in list(self.inflight.values()):
+            state.cancel(ErrorType.SHUTTING_DOWN)
+        while self.inflight:  # the cancelled requests write their terminal frames
+            await self._idle.wait()
+        await anyio.lowlevel.checkpoint()
+        self._tg.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                self.begin_shutdown()
+
+    async def _watch_broken_pipe(self) -> None:
+        await self.writer.broken.wait()
+        log.info("output closed by the host: exiting now")
+        self._tg.cancel_scope.cancel()
+
+    async def _sweep_sessions(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            for sid in self.sessions.sweep():
+                log.info("session %r expired", sid)
+
+    async def _warm_up(self) -> None:
+        """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
+        try:
+            for fn in self.registry.warmups:
+                await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+        except Exception:
+            log.exception("warm-up failed; requests that need it will fail on their own")
+        finally:
+            self.warm.set()
+
+    # ---- dispatch ----------------------------------------------------------------
+
+    def _on_decoded(self, event: framing.Event) -> None:
+        self.frames_in += 1
+        if isinstance(event, framing.Frame):
+            self._dispatch(protocol.parse(event.body))
+        elif isinstance(event, framing.FrameTooLarge):
+            self.writer.send(protocol.error(
+                None, ErrorType.FRAME_TOO_LARGE,
+                f"frame of {event.size} bytes exceeds --max-frame-bytes={event.limit}; it was skipped",
+                {"size": event.size, "limit": event.limit}))
+        elif isinstance(event, framing.BadFrame):
+            self.writer.send(protocol.error(None, ErrorType.BAD_FRAME, event.reason, {"size": event.size}))
+        else:
+            self.writer.send(protocol.error(
+                None, ErrorType.BAD_FRAME,
+                f"input ended inside a frame ({event.have} of {event.want} bytes)"))
+
+    def _dispatch(self, event: protocol.Event) -> None:
+        if isinstance(event, protocol.Request):
+            self._on_request(event)
+        elif isinstance(event, protocol.RpcResponse):
+            self.tools.on_response(event)
+        elif isinstance(event, protocol.Cancel):
+            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            if state is not None:
+                state.cancel(ErrorType.CANCELLED)
+        elif isinstance(event, protocol.Credit):
+            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            if state is not None:
+                state.ctx.add_credit(event.n)
+        elif isinstance(event, protocol.Shutdown):
+            self.begin_shutdown()
+        else:
+            self.writer.send(event.frame)
+
+    def _on_request(self, req: protocol.Request) -> None:
+        if self.shutting_down:
+            self.writer.send(protocol.error(req.id, ErrorType.SHUTTING_DOWN,
+                                            "the worker is shutting down and accepts no new requests"))
+            return
+        entry = self.registry.get(req.command)
+        if entry is None:
+            self.writer.send(protocol.error(req.id, ErrorType.UNKNOWN_COMMAND,
+                                            f"unknown command {req.command!r}",
+                                            {"command": req.command, "available": self.registry.names()}))
+            return
+        if req.id in self.inflight:
+            self.writer.send(protocol.error(None, ErrorType.DUPLICATE_ID,
+                                            f"request id {req.id!r} is already in flight", {"id": req.id}))
+            return
+        if entry.kind is Kind.INLINE:
+            self._run_inline(entry, req)
+            return
+        deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
+        state = self.inflight[req.id] = Inflight(Context(self, req, self._token), deadline)
+        self._tg.start_soon(self._run, entry, req, state)
+
+    def _run_inline(self, entry: Entry, req: protocol.Request) -> None:
+        ctx = Context(self, req, self._token)
+        try:
+            frame = protocol.result(req.id, entry.fn(req.args, ctx))
+        except Exception as exc:
+            frame = self._failure(req.id, exc)
+        ctx.closed = True
+        self._send_terminal(req.id, frame)
+
+    async def _run(self, entry: Entry, req: protocol.Request, state: Inflight) -> None:
+        ctx = state.ctx
+        frame: dict | None = None
+        try:
+            with state.scope:
+                if entry.needs_dspy and not self.warm.is_set():
+                    await self.warm.wait()
+                frame = protocol.result(req.id, await self._invoke(entry, req.args, ctx))
+            if frame is None:
+                frame = self._cancelled_frame(req, state.reason)
+        except Exception as exc:
+            frame = self._failure(req.id, exc)
+        finally:
+            ctx.close()
+            del self.inflight[req.id]
+            if not self.inflight:
+                self._idle.set()
+                self._idle = anyio.Event()
+        self._send_terminal(req.id, frame)
+
+    async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
+        kind = entry.kind
+        if kind is Kind.ASYNC:
+            return await entry.fn(args, ctx)
+        if kind is Kind.SYNC:
+            return await anyio.to_thread.run_sync(entry.fn, args, ctx, abandon_on_cancel=True,
+                                                  limiter=self._limiter)
+        if kind is Kind.ASYNC_GEN:
+            async with aclosing(entry.fn(args, ctx)) as agen:
+                async for item in agen:
+                    await ctx.emit(item)
+            return None
+        return await anyio.to_thread.run_sync(_drive_generator, entry, args, ctx, abandon_on_cancel=True,
+                                              limiter=self._limiter)
+
+    @staticmethod
+    def _cancelled_frame(req: protocol.Request, reason: str | None) -> dict:
+        if reason is None:
+            return protocol.error(req.id, ErrorType.TIMEOUT,
+                                  f"request exceeded timeout_ms={req.timeout_ms}", {"timeout_ms": req.timeout_ms})
+        if reason == ErrorType.SHUTTING_DOWN:
+            return protocol.error(req.id, reason, "the worker shut down before the request finished")
+        return protocol.error(req.id, reason, "request cancelled by the host")
+
+    @staticmethod
+    def _failure(rid: Any, exc: Exception) -> dict:
+        if isinstance(exc, PeerError):
+            return protocol.error(rid, exc.type, exc.message, exc.details)
+        return protocol.error(rid, ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__,
+                              {"exception": type(exc).__name__},
+                              "".join(traceback.format_exception(exc)))
+
+    def _send_terminal(self, rid: Any, frame: dict) -> None:
+        """Write the one terminal frame; a result msgpack cannot carry becomes an error."""
+        try:
+            self.writer.send(frame)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self.writer.send(protocol.error(rid, ErrorType.HANDLER_ERROR,
+                                            f"the handler's result cannot be sent as msgpack: {exc}",
+                                            {"exception": type(exc).__name__}))
+
+
+def _drive_generator(entry: Entry, args: dict, ctx: Context) -> Any:
+    """Run a sync generator handler in its worker thread, emitting each item on the loop."""
+    gen = entry.fn(args, ctx)
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            ctx.emit_blocking(item)
+    except RequestClosed:
+        return None
+    finally:
+        gen.close()

@@ -1,0 +1,65 @@
+"""Process-level plumbing for the worker: stdout protection, logging, and a clean exit.
+
+On the host, one stray byte on the frame stream is read as a length, and the
+port hangs.  So before anything that could print is imported, the real stdout
+is kept for frames only and fd 1 and ``sys.stdout`` are pointed at stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+
+def claim_stdout() -> int:
+    """Return a private descriptor on the real stdout; fd 1 and ``sys.stdout`` now go to stderr."""
+    proto = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return proto
+
+
+def divert_stdout() -> None:
+    """With ``--fds``, frames use other descriptors; fd 1 still must never see a stray print."""
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(),
+                        format=f"bridge[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+    except OSError:
+        pass
+    return kids
+
+
+def kill_descendants() -> None:
+    """Kill every process this worker started (and theirs), so none outlives it."""
+    stack, seen = _children(os.getpid()), []
+    while stack:
+        pid = stack.pop()
+        seen.append(pid)
+        stack.extend(_children(pid))
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def hard_exit(code: int) -> None:
+    """Exit now, without joining abandoned handler threads (they may be blocked forever)."""
+    kill_descendants()
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,146 @@
+"""Non-blocking frame I/O on raw descriptors: the only place that reads or writes the wire.
+
+The writer coalesces: frames queue in one bytearray and a single writer task
+flushes whatever has accumulated with one ``write`` call, so a burst of chunks or
+a pipelined batch of replies costs one syscall instead of one per frame.  The
+buffer is bounded: past ``high_water`` producers wait for it to drain, which is
+how a stalled host pushes back all the way to the handlers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import time
+from typing import Any
+
+import anyio
+
+from . import framing
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 1024 * 1024
+F_SETPIPE_SZ = 1031
+
+
+def prepare_fd(fd: int, pipe_size: int = 1024 * 1024) -> None:
+    """Make ``fd`` non-blocking and, for pipes, widen the kernel buffer (fewer wake-ups)."""
+    os.set_blocking(fd, False)
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, pipe_size)
+    except OSError:
+        pass  # not a pipe, or over /proc/sys/fs/pipe-max-size: the default is fine
+
+
+def peer_closed(fd: int) -> bool:
+    """True when the reading end of our output pipe is gone (Erlang ``port_close``)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+async def read_some(fd: int) -> bytes:
+    """Read what is available, waiting on the loop (never in a thread) when nothing is."""
+    while True:
+        try:
+            return os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+
+
+class PeerGone(Exception):
+    """The host closed our output: nothing more can be delivered."""
+
+
+class FrameWriter:
+    """Bounded, coalescing frame writer owned by one writer task (``run``)."""
+
+    def __init__(self, fd: int, high_water: int = HIGH_WATER) -> None:
+        self.fd = fd
+        self.high_water = high_water
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.broken = anyio.Event()
+        self.tap: Any = None  # optional callable(frame) observing every frame sent
+        self._buf = bytearray()
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._scheduled = False
+
+    def send(self, frame: dict) -> int:
+        """Queue one frame; returns its encoded size.  Never blocks."""
+        data = framing.encode(frame)
+        if self.broken.is_set():
+            return len(data)
+        if self.tap is not None:
+            self.tap(frame)
+        self._buf += data
+        self.frames_out += 1
+        self.bytes_out += len(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
+        return len(data)
+
+    @property
+    def congested(self) -> bool:
+        return len(self._buf) > self.high_water
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    async def wait_drained(self) -> None:
+        """Wait until the buffer is back under the high-water mark."""
+        while self.congested and not self.broken.is_set():
+            await self._drained.wait()
+
+    async def run(self) -> None:
+        """The writer task: flush whatever accumulated each time it is woken."""
+        while not self.broken.is_set():
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            self._scheduled = False
+            await self._flush()
+
+    async def _flush(self) -> None:
+        buf = self._buf
+        while buf:
+            try:
+                n = os.write(self.fd, buf)
+            except BlockingIOError:
+                await anyio.wait_writable(self.fd)
+                continue
+            except OSError:
+                self._break()
+                return
+            del buf[:n]
+            if len(buf) <= self.high_water and not self._drained.is_set():
+                self._drained.set()
+                self._drained = anyio.Event()
+
+    def _break(self) -> None:
+        self._buf.clear()
+        self.broken.set()
+        self._drained.set()
+
+    def flush_blocking(self, timeout: float) -> None:
+        """Write out what is left at exit, waiting at most ``timeout`` for a slow host."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        buf = self._buf
+        while buf and not self.broken.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                n = os.write(self.fd, buf)
+            except BlockingIOError:
+                poller.poll(remaining * 1000)
+                continue
+            except OSError:
+                self._break()
+                return
+            del buf[:n]
