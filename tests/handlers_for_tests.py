@@ -1,0 +1,121 @@
+"""Handlers that misbehave on purpose, loaded into the worker with ``--handlers tests.handlers_for_tests``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import anyio
+
+from bridge import PeerError, handler
+
+
+@handler("test.print")
+def prints(args: dict, ctx) -> dict:
+    """Writes to stdout three ways: none of it may reach the frame stream."""
+    print("hello from a handler")
+    sys.stdout.write("hell" * 10 + "\n")
+    os.write(1, b"raw write to fd 1\n")
+    return {"printed": True}
+
+
+@handler("test.tqdm")
+def progress(args: dict, ctx) -> dict:
+    from tqdm import tqdm
+
+    total = 0
+    for i in tqdm(range(args.get("n", 50)), file=sys.__stdout__ if args.get("dunder") else None):
+        total += i
+    return {"total": total}
+
+
+@handler("test.raise")
+def raises(args: dict, ctx) -> None:
+    raise ValueError(args.get("message", "boom"))
+
+
+@handler("test.peer_error")
+def peer_error(args: dict, ctx) -> None:
+    raise PeerError("bad_request", "you asked for it", {"field": "x"})
+
+
+@handler("test.crash")
+def crash(args: dict, ctx) -> None:
+    os._exit(args.get("code", 3))
+
+
+@handler("test.unserializable")
+async def unserializable(args: dict, ctx) -> object:
+    return object()
+
+
+@handler("test.async_gen")
+async def async_gen(args: dict, ctx):
+    """Yields ``n`` chunks ``delay`` apart; writes ``marker`` in its finally block."""
+    try:
+        for i in range(args.get("n", 3)):
+            yield {"i": i}
+            await anyio.sleep(args.get("delay", 0))
+    finally:
+        if "marker" in args:
+            with open(args["marker"], "w") as f:
+                f.write("closed")
+
+
+@handler("test.sync_gen")
+def sync_gen(args: dict, ctx):
+    """A sync generator in a thread: chunks, then a return value as the result."""
+    try:
+        for i in range(args.get("n", 3)):
+            yield i
+            time.sleep(args.get("delay", 0))
+        return {"done": args.get("n", 3)}
+    finally:
+        if "marker" in args:
+            with open(args["marker"], "w") as f:
+                f.write("closed")
+
+
+@handler("test.emit")
+async def emit(args: dict, ctx) -> dict:
+    """An async function that streams through ``ctx.emit`` and returns a result."""
+    for i in range(args.get("n", 3)):
+        await ctx.emit(i)
+    return {"emitted": args.get("n", 3)}
+
+
+@handler("test.cooperative")
+def cooperative(args: dict, ctx) -> dict:
+    """Polls ``ctx.cancelled``; records in ``marker`` that it noticed."""
+    deadline = time.monotonic() + args.get("seconds", 5)
+    while time.monotonic() < deadline:
+        if ctx.cancelled:
+            with open(args["marker"], "w") as f:
+                f.write("noticed")
+            return {"stopped": True}
+        time.sleep(0.005)
+    return {"stopped": False}
+
+
+@handler("test.spawn_child")
+def spawn_child(args: dict, ctx) -> dict:
+    """Starts a long-lived child process; the worker must not leave it behind."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    return {"child_pid": proc.pid}
+
+
+@handler("test.tool")
+async def tool(args: dict, ctx) -> object:
+    """Calls one host tool and returns its answer (errors surface as handler errors)."""
+    return await ctx.call_tool(args["tool"], *args.get("args", []), timeout_ms=args.get("timeout_ms"),
+                               **args.get("kwargs", {}))
+
+
+@handler("test.tool_blocking")
+def tool_blocking(args: dict, ctx) -> object:
+    """The same from a worker thread."""
+    return ctx.call_tool_blocking(args["tool"], *args.get("args", []), timeout_ms=args.get("timeout_ms"),
+                                  **args.get("kwargs", {}))
