@@ -71,12 +71,12 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     from .server import Config, Server
 
     modules = ["bridge.handlers.core"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
-    try:
-        for module in modules + opts.handlers:
+    for module in modules + opts.handlers:
+        try:
             REGISTRY.load(module)
-    except Exception as exc:
-        print(f"bridge: cannot load handler module: {exc!r}", file=sys.stderr)
-        return 2
+        except Exception as exc:
+            print(f"bridge: cannot load handler module {module!r}: {exc!r}", file=sys.stderr)
+            return 2
     server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
                            max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
                            tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects))

@@ -14,6 +14,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -39,17 +40,19 @@ class Call:
         self.worker = worker
         self.id = rid
         self.frames: list[dict] = []
+        self.arrivals: list[float] = []  # perf_counter() when the reader received each frame
         self.terminal: dict | None = None
-        self._queue: queue.SimpleQueue[dict] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[float, dict]] = queue.SimpleQueue()
 
     def _next_frame(self, timeout: float | None) -> dict:
         try:
-            frame = self._queue.get(timeout=timeout)
+            arrival, frame = self._queue.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"no frame for request {self.id!r} within {timeout} s") from None
         if frame.get("type") == "closed":
             raise ConnectionError(f"worker exited before request {self.id!r} finished")
         self.frames.append(frame)
+        self.arrivals.append(arrival)
         return frame
 
     def chunks(self, timeout: float | None = 30.0) -> Iterator[Any]:
@@ -151,7 +154,7 @@ class Worker:
                 else:
                     self.unrouted.put({"type": "undecodable", "event": repr(event)})
         for call in list(self._calls.values()):
-            call._queue.put({"type": "closed"})
+            call._queue.put((time.perf_counter(), {"type": "closed"}))
         self._ready.put({"type": "closed"})
 
     def _route(self, frame: dict) -> None:
@@ -160,7 +163,7 @@ class Worker:
             call = self._calls[frame["id"]]
             if kind in ("result", "error"):
                 del self._calls[frame["id"]]
-            call._queue.put(frame)
+            call._queue.put((time.perf_counter(), frame))
         elif kind == "rpc_request":
             if self.tools is None:
                 self.rpc_requests.put(frame)
