@@ -27,6 +27,7 @@ class ErrorType:
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     HANDLER_ERROR = "handler_error"
+    TOOL_ERROR = "tool_error"
     INTERNAL_ERROR = "internal_error"
 
 

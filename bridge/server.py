@@ -26,7 +26,7 @@ from .context import Context, RequestClosed
 from .protocol import ErrorType, PeerError
 from .registry import REGISTRY, Entry, Kind, Registry
 from .sessions import SessionStore
-from .tools import ToolBridge
+from .tools import ToolBridge, ToolError
 from .transport import FrameWriter, peer_closed, prepare_fd, read_some
 
 log = logging.getLogger("bridge.server")
@@ -291,6 +291,8 @@ class Server:
     def _failure(rid: Any, exc: Exception) -> dict:
         if isinstance(exc, PeerError):
             return protocol.error(rid, exc.type, exc.message, exc.details)
+        if isinstance(exc, ToolError):
+            return protocol.error(rid, ErrorType.TOOL_ERROR, exc.message, {"tool_error": exc.type})
         return protocol.error(rid, ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__,
                               {"exception": type(exc).__name__},
                               "".join(traceback.format_exception(exc)))
