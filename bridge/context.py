@@ -16,10 +16,12 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from . import protocol
+from .tools import CLOSED
 
 if TYPE_CHECKING:
     from .server import Server
     from .sessions import Session
+    from .tools import Slot
 
 _log = logging.getLogger("bridge.handler")
 YIELD_EVERY = 32  # chunks emitted between forced checkpoints, so one stream cannot hog the loop
@@ -33,7 +35,7 @@ class Context:
     """What a handler knows about its request.  Cheap to create: slots only."""
 
     __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "server",
-                 "_token", "_credit", "_credit_event", "_since_yield", "_scopes")
+                 "parked", "_token", "_credit", "_credit_event", "_since_yield")
 
     def __init__(self, server: "Server", req: protocol.Request, token: Any = None) -> None:
         self.id = req.id
@@ -47,7 +49,7 @@ class Context:
         self._credit = req.window
         self._credit_event: anyio.Event | None = None
         self._since_yield = YIELD_EVERY
-        self._scopes: set[anyio.CancelScope] = set()
+        self.parked: set[Slot] = set()  # this request's host calls waiting for an answer
 
     # ---- state -----------------------------------------------------------------
 
@@ -125,7 +127,7 @@ class Context:
     def close(self) -> None:
         """Mark the request finished: further chunks raise, parked tool calls are cancelled."""
         self.closed = True
-        for scope in tuple(self._scopes):
-            scope.cancel()
+        for slot in tuple(self.parked):
+            slot.finish(CLOSED)
         if self._credit_event is not None:
             self._credit_event.set()

@@ -98,6 +98,7 @@ class Server:
             tg.start_soon(self._sweep_sessions)
             tg.start_soon(self._warm_up)
             tg.start_soon(self._watch_broken_pipe)
+            tg.start_soon(self.tools.run_timer)
             await self._read_loop()
         return 0
 

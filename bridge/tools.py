@@ -3,12 +3,18 @@
 Modelled on the MCP SDK's session layer: each call owns one slot keyed by
 ``rpc_id``; responses fill slots in any order; the slot is removed in
 ``finally`` whatever happens, so nothing keyed by ``rpc_id`` outlives its call.
+
+A call is on the hot path of ReAct and of ``rpc_loop``, so it uses no cancel
+scope of its own.  Deadlines are kept by one timer task: calls with the same
+timeout expire in the order they were made, so per timeout value an insertion-
+ordered dict is a deadline queue with O(1) removal when the answer comes first.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,24 +37,34 @@ class ToolError(Exception):
         self.message = message
 
 
-class _Slot:
-    __slots__ = ("event", "response", "abort")
+class Slot:
+    """One parked call: filled by the host's answer, or aborted by a deadline, the request or EOF."""
 
-    def __init__(self) -> None:
+    __slots__ = ("event", "response", "abort", "deadline")
+
+    def __init__(self, deadline: float) -> None:
         self.event = anyio.Event()
         self.response: protocol.RpcResponse | None = None
         self.abort: str | None = None
+        self.deadline = deadline
+
+    def finish(self, abort: str) -> None:
+        if not self.event.is_set():
+            self.abort = abort
+            self.event.set()
 
 
 class ToolBridge:
-    """Owns every parked host call of the worker."""
+    """Owns every parked host call of the worker, and the timer task that expires them."""
 
     def __init__(self, writer: "FrameWriter", default_timeout_ms: int) -> None:
         self.default_timeout_ms = default_timeout_ms
         self.calls = 0
         self._writer = writer
         self._ids = itertools.count(1)
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[int, Slot] = {}
+        self._deadlines: dict[int, dict[int, Slot]] = {}  # timeout_ms -> rpc_id -> slot, oldest first
+        self._wake = anyio.Event()
         self._input_closed = False
 
     @property
@@ -60,43 +76,32 @@ class ToolBridge:
         """Send one ``rpc_request`` for ``ctx``'s request and wait for the answer."""
         if self._input_closed:
             raise ToolError("host_closed", "the host closed its input; no tool answer can arrive")
+        if ctx.closed:
+            raise _closed(ctx, tool)
         timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
         rpc_id = next(self._ids)
-        slot = self._slots[rpc_id] = _Slot()
+        slot = self._slots[rpc_id] = Slot(time.monotonic() + timeout_ms / 1000)
+        queue = self._deadlines.get(timeout_ms)
+        if not queue:
+            queue = self._deadlines[timeout_ms] = {}
+            self._wake.set()  # a new earliest deadline may exist: the timer re-plans
+        queue[rpc_id] = slot
+        ctx.parked.add(slot)
         self.calls += 1
-        answered = False
-        scope = anyio.CancelScope()
-        ctx._scopes.add(scope)
         try:
             self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
-            with scope, anyio.move_on_after(timeout_ms / 1000) as timer:
-                await slot.event.wait()
-                answered = slot.response is not None
+            await slot.event.wait()
         finally:
-            ctx._scopes.discard(scope)
+            ctx.parked.discard(slot)
             del self._slots[rpc_id]
-            if not answered and not self._writer.broken.is_set():
+            queue.pop(rpc_id, None)
+            if slot.response is None and not self._writer.broken.is_set():
                 self._writer.send(protocol.rpc_cancel(rpc_id))
-        return self._outcome(tool, slot, timer.cancelled_caught, timeout_ms, ctx)
-
-    @staticmethod
-    def _outcome(tool: str, slot: _Slot, timed_out: bool, timeout_ms: int, ctx: "Context") -> Any:
-        response = slot.response
-        if response is not None:
-            if response.ok:
-                return response.result
-            err = response.error
-            raise ToolError(str(err.get("type", "tool_error")), str(err.get("message", "")))
-        if slot.abort is not None:
-            raise ToolError("host_closed", slot.abort)
-        if timed_out:
-            raise TimeoutError(f"tool {tool!r} did not answer within {timeout_ms} ms")
-        from .context import RequestClosed
-        raise RequestClosed(f"request {ctx.id!r} ended while tool {tool!r} was parked")
+        return _outcome(slot, tool, timeout_ms, ctx)
 
     def on_response(self, response: protocol.RpcResponse) -> None:
         """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored."""
-        slot = self._slots.get(response.rpc_id)
+        slot = self._slots.get(response.rpc_id) if isinstance(response.rpc_id, int) else None
         if slot is None or slot.event.is_set():
             log.warning("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
             return
@@ -107,6 +112,50 @@ class ToolBridge:
         """The host's input reached EOF: fail every parked call now, none can be answered."""
         self._input_closed = True
         for slot in self._slots.values():
-            if not slot.event.is_set():
-                slot.abort = "the host closed its input while the call was parked"
-                slot.event.set()
+            slot.finish("the host closed its input while the call was parked")
+
+    async def run_timer(self) -> None:
+        """Expire overdue calls.  Sleeps until the earliest deadline, or until woken."""
+        while True:
+            earliest = min((next(iter(q.values())).deadline for q in self._deadlines.values() if q),
+                           default=None)
+            with anyio.move_on_after(None if earliest is None else max(0.0, earliest - time.monotonic())):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for timeout_ms, queue in list(self._deadlines.items()):
+            while queue:
+                rpc_id, slot = next(iter(queue.items()))
+                if slot.deadline > now:
+                    break
+                del queue[rpc_id]
+                slot.finish(_TIMEOUT)
+            if not queue:
+                del self._deadlines[timeout_ms]
+
+
+_TIMEOUT = "timeout"
+CLOSED = "closed"  # the request ended (used by ``Context.close``)
+
+
+def _closed(ctx: "Context", tool: str) -> Exception:
+    from .context import RequestClosed
+
+    return RequestClosed(f"request {ctx.id!r} ended while tool {tool!r} was parked")
+
+
+def _outcome(slot: Slot, tool: str, timeout_ms: int, ctx: "Context") -> Any:
+    response = slot.response
+    if response is not None:
+        if response.ok:
+            return response.result
+        err = response.error
+        raise ToolError(str(err.get("type", "tool_error")), str(err.get("message", "")))
+    if slot.abort == _TIMEOUT:
+        raise TimeoutError(f"tool {tool!r} did not answer within {timeout_ms} ms")
+    if slot.abort == CLOSED:
+        raise _closed(ctx, tool)
+    raise ToolError("host_closed", str(slot.abort))
+
