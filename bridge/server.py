@@ -171,7 +171,7 @@ class Server:
         """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
         try:
             for fn in self.registry.warmups:
-                await anyio.to_thread.run_sync(fn, limiter=self._limiter)
+                await anyio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
         except Exception:
             log.exception("warm-up failed; requests that need it will fail on their own")
         finally:

@@ -1,0 +1,96 @@
+"""A lean host for benchmarks: raw pipes, pre-encoded requests, frames counted by length.
+
+The host must be cheaper than the worker it measures, so it never builds objects
+it does not need: it decodes only the frames whose contents it must read.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from bridge import framing
+
+HEADER = framing.HEADER
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BRIDGE = [sys.executable, "-m", "bridge", "serve", "--diagnostics"]
+FLOOR = [sys.executable, "-m", "bench.floor"]
+
+
+class Peer:
+    """One worker process, spoken to over its stdin/stdout pipes."""
+
+    def __init__(self, argv: list[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     cwd=ROOT, env=env)
+        self.rfd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        self.wfd = self.proc.stdin.fileno()  # type: ignore[union-attr]
+        self._buf = bytearray()
+        self.bodies()
+        self.ready_ms = (time.perf_counter() - started) * 1000
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view):]
+
+    def bodies(self) -> list[bytes]:
+        """Block until at least one whole frame is in; return every whole frame body."""
+        buf = self._buf
+        while True:
+            out, pos, end = [], 0, len(buf)
+            while end - pos >= 4:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if end - pos - 4 < size:
+                    break
+                out.append(bytes(buf[pos + 4:pos + 4 + size]))
+                pos += 4 + size
+            del buf[:pos]
+            if out:
+                return out
+            data = os.read(self.rfd, 1 << 20)
+            if not data:
+                raise EOFError("worker closed its output")
+            buf += data
+
+    def request(self, rid: Any, command: str, args: dict | None = None) -> bytes:
+        return framing.encode({"type": "request", "id": rid, "command": command, "args": args or {}})
+
+    def call(self, command: str, args: dict | None = None) -> dict:
+        """A plain request/response, decoding frames until the terminal one (not timed)."""
+        self.write(self.request("call", command, args))
+        while True:
+            for body in self.bodies():
+                frame = msgpack.unpackb(body, raw=False)
+                if frame.get("type") in ("result", "error"):
+                    return frame
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,153 @@
+"""One function per figure.  Each takes a ``Peer`` and returns one number."""
+
+from __future__ import annotations
+
+import time
+
+import msgpack
+
+from bridge import framing
+
+from .harness import Peer, median
+
+
+def _is_terminal(body: bytes) -> bool:
+    frame = msgpack.unpackb(body, raw=False)
+    return frame.get("type") in ("result", "error")
+
+
+def echo_sequential_us(peer: Peer, n: int = 3000) -> float:
+    """Median round-trip latency, one request in flight (µs)."""
+    request = peer.request(1, "echo", {"x": 1})
+    latencies = []
+    for _ in range(n):
+        started = time.perf_counter()
+        peer.write(request)
+        peer.bodies()
+        latencies.append(time.perf_counter() - started)
+    return median(latencies) * 1e6
+
+
+def echo_pipelined_per_s(peer: Peer, n: int = 60000, depth: int = 100) -> float:
+    """Round trips per second with ``depth`` requests always in flight."""
+    requests = [peer.request(i, "echo", {"x": i}) for i in range(n + depth)]
+    started = time.perf_counter()
+    peer.write(b"".join(requests[:depth]))
+    sent, done = depth, 0
+    while done < n:
+        got = len(peer.bodies())
+        done += got
+        if sent < n:
+            peer.write(b"".join(requests[sent:sent + got]))
+            sent += got
+    return n / (time.perf_counter() - started)
+
+
+def stream_per_s(peer: Peer, n: int = 200_000, size: int | None = None) -> float:
+    """Chunks per second of one ``stream_count`` (int chunks, or ``size``-byte chunks)."""
+    args = {"n": n} if size is None else {"n": n, "size": size}
+    started = time.perf_counter()
+    peer.write(peer.request(1, "stream_count", args))
+    count = 0
+    while True:
+        bodies = peer.bodies()
+        count += len(bodies)
+        if count >= n + 1 and _is_terminal(bodies[-1]):
+            return n / (time.perf_counter() - started)
+
+
+def first_chunk_us(peer: Peer, reps: int = 1000) -> float:
+    """Median time from writing a stream request to reading its first chunk (µs)."""
+    request = peer.request(1, "stream_count", {"n": 1})
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        peer.write(request)
+        bodies = peer.bodies()
+        samples.append(time.perf_counter() - started)
+        if len(bodies) < 2:
+            peer.bodies()  # the result frame
+    return median(samples) * 1e6
+
+
+def tool_per_s(peer: Peer, n: int = 20000, concurrency: int = 1) -> float:
+    """Host tool round trips per second through ``rpc_loop`` with the host answering."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    started = time.perf_counter()
+    peer.write(peer.request(1, "rpc_loop", {"n": n, "concurrency": concurrency}))
+    while True:
+        replies = []
+        for body in peer.bodies():
+            frame = msgpack.unpackb(body, raw=False)
+            if frame["type"] == "rpc_request":
+                reply = pack({"type": "rpc_response", "rpc_id": frame["rpc_id"], "ok": True,
+                              "result": frame["args"][0]})
+                replies.append(framing.HEADER.pack(len(reply)) + reply)
+            elif frame["type"] in ("result", "error"):
+                assert frame["type"] == "result", frame
+                return n / (time.perf_counter() - started)
+        if replies:
+            peer.write(b"".join(replies))
+
+
+def rss_growth_chunks_mb(peer: Peer, n: int = 1_000_000) -> float:
+    """RSS growth over ``n`` streamed int chunks, after a warm-up stream (MB)."""
+    stream_per_s(peer, 50_000)
+    before = peer.rss()
+    stream_per_s(peer, n)
+    return (peer.rss() - before) / 1e6
+
+
+def rss_growth_tools_mb(peer: Peer, n: int = 100_000) -> float:
+    """RSS growth over ``n`` host tool calls, 100 in flight, after a warm-up (MB)."""
+    tool_per_s(peer, 5_000, 100)
+    before = peer.rss()
+    tool_per_s(peer, n, 100)
+    return (peer.rss() - before) / 1e6
+
+
+def start_to_ready_ms(argv: list[str]) -> float:
+    """Process start to the ``ready`` frame, measured at the host (ms)."""
+    peer = Peer(argv)
+    peer.close()
+    return peer.ready_ms
+
+
+def ping_under_dspy_load_ms(peer: Peer, pings: int = 400, threads: int = 4) -> tuple[float, float]:
+    """Ping latency p50 and p99 (ms) while a ``threads``-wide DSPy batch runs on the scripted engine."""
+    configured = peer.call("lm.configure", {"model": "scripted/bench",
+                                            "script": [{"when": {}, "reply": {"answer": "ok"}}]})
+    assert configured["type"] == "result", configured
+    items = [{"question": f"q{i}"} for i in range(100_000)]
+    peer.write(peer.request("batch", "dspy.batch", {"signature": "question -> answer", "items": items,
+                                                   "concurrency": threads}))
+    _wait_for_chunks(peer, "batch", 2 * threads)  # the batch is under way on every thread
+    latencies = []
+    for i in range(pings):
+        started = time.perf_counter()
+        peer.write(peer.request(f"p{i}", "ping"))
+        _wait_for_result(peer, f"p{i}")
+        latencies.append((time.perf_counter() - started) * 1000)
+        time.sleep(0.002)
+    peer.write(framing.encode({"type": "cancel", "id": "batch"}))
+    _wait_for_result(peer, "batch")
+    ordered = sorted(latencies)
+    return ordered[len(ordered) // 2], ordered[int(len(ordered) * 0.99)]
+
+
+def _wait_for_chunks(peer: Peer, rid: str, n: int) -> None:
+    seen = 0
+    while seen < n:
+        for body in peer.bodies():
+            frame = msgpack.unpackb(body, raw=False)
+            if frame.get("id") == rid:
+                assert frame["type"] == "chunk", frame
+                seen += 1
+
+
+def _wait_for_result(peer: Peer, rid: str) -> None:
+    while True:
+        for body in peer.bodies():
+            frame = msgpack.unpackb(body, raw=False)
+            if frame.get("id") == rid and frame["type"] in ("result", "error"):
+                return
