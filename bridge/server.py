@@ -105,22 +105,30 @@ class Server:
     async def _read_loop(self) -> None:
         decoder = framing.Decoder(self.config.max_frame_bytes)
         fd = self.config.in_fd
+        writer = self.writer
         while True:
             try:
-                data = await read_some(fd)
+                data, waited = await read_some(fd)
             except OSError:
-                data = b""
+                data, waited = b"", True
+            writer.cork()
+            try:
+                if not data:
+                    for event in decoder.close():
+                        self._on_decoded(event)
+                else:
+                    self.bytes_in += len(data)
+                    for event in decoder.feed(data):
+                        self._on_decoded(event)
+            finally:
+                writer.uncork()
             if not data:
-                for event in decoder.close():
-                    self._on_decoded(event)
                 await self._on_eof()
                 return
-            self.bytes_in += len(data)
-            for event in decoder.feed(data):
-                self._on_decoded(event)
-            if self.writer.congested:
-                await self.writer.wait_drained()
-            await anyio.lowlevel.checkpoint()
+            if writer.congested:
+                await writer.wait_drained()
+            elif not waited:
+                await anyio.lowlevel.checkpoint()  # input keeps coming: let handlers run too
 
     async def _on_eof(self) -> None:
         """EOF on input: a closed port exits at once; a finished shell pipe drains first."""

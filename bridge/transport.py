@@ -40,13 +40,18 @@ def peer_closed(fd: int) -> bool:
     return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
-async def read_some(fd: int) -> bytes:
-    """Read what is available, waiting on the loop (never in a thread) when nothing is."""
+async def read_some(fd: int) -> tuple[bytes, bool]:
+    """Read what is available, waiting on the loop (never in a thread) when nothing is.
+
+    Also says whether it waited: a reader that never waits must yield by itself.
+    """
+    waited = False
     while True:
         try:
-            return os.read(fd, READ_SIZE)
+            return os.read(fd, READ_SIZE), waited
         except BlockingIOError:
             await anyio.wait_readable(fd)
+            waited = True
 
 
 class PeerGone(Exception):
@@ -67,6 +72,7 @@ class FrameWriter:
         self._wake = anyio.Event()
         self._drained = anyio.Event()
         self._scheduled = False
+        self._corked = False
 
     def send(self, frame: dict) -> int:
         """Queue one frame; returns its encoded size.  Never blocks."""
@@ -78,10 +84,30 @@ class FrameWriter:
         self._buf += data
         self.frames_out += 1
         self.bytes_out += len(data)
-        if not self._scheduled:
+        if not self._scheduled and not self._corked:
             self._scheduled = True
             self._wake.set()
         return len(data)
+
+    def cork(self) -> None:
+        """Hold frames back while the reader handles a batch, so replies go out in one write."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Write what the batch produced now, from the caller; the writer task gets any rest."""
+        self._corked = False
+        buf = self._buf
+        if buf and not self.broken.is_set():
+            try:
+                del buf[:os.write(self.fd, buf)]
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._break()
+                return
+        if buf and not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
 
     @property
     def congested(self) -> bool:

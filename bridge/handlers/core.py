@@ -34,6 +34,7 @@ def stats(args: dict, ctx: Context) -> dict[str, Any]:
     writer = server.writer
     return {
         "uptime_s": time.monotonic() - server.started,
+        "warm": server.warm.is_set(),
         "in_flight": len(server.inflight),
         "tool_calls_parked": server.tools.parked,
         "frames_in": server.frames_in,
