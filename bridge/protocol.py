@@ -24,6 +24,7 @@ class ErrorType:
     DUPLICATE_ID = "duplicate_id"
     FRAME_TOO_LARGE = "frame_too_large"
     SHUTTING_DOWN = "shutting_down"
+    OVERLOADED = "overloaded"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     HANDLER_ERROR = "handler_error"

@@ -43,6 +43,7 @@ class Config:
     drain_timeout: float = 30.0
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
+    max_inflight: int = 10_000
     handlers: list[str] = field(default_factory=list)
 
 
@@ -238,6 +239,11 @@ class Server:
             return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
+            return
+        if len(self.inflight) >= self.config.max_inflight:
+            self.writer.send(protocol.error(req.id, ErrorType.OVERLOADED,
+                                            f"{len(self.inflight)} requests are in flight (--max-inflight)",
+                                            {"limit": self.config.max_inflight}))
             return
         deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
         state = self.inflight[req.id] = Inflight(Context(self, req, self._token), deadline)

@@ -228,6 +228,18 @@ def test_duplicate_id_is_refused_and_the_first_request_is_untouched(worker):
     assert worker.request("ping", id=42).result()["pong"]  # finished ids can be reused
 
 
+def test_requests_beyond_max_inflight_are_refused():
+    with spawn("--max-inflight", "2") as w:
+        running = [w.request("sleep", {"seconds": 0.3}) for _ in range(2)]
+        with pytest.raises(RemoteError) as exc:
+            w.call("sleep", {"seconds": 0})
+        assert exc.value.type == "overloaded" and exc.value.details == {"limit": 2}
+        assert w.call("ping")["pong"]  # inline commands are never refused
+        for call in running:
+            call.result()
+        assert w.call("sleep", {"seconds": 0}) == {"slept": 0}
+
+
 def test_oversize_frame_is_skipped_and_the_stream_stays_in_sync():
     with spawn("--max-frame-bytes", "1000") as w:
         w.send({"type": "request", "id": 1, "command": "echo", "args": {"b": bytes(5000)}})
