@@ -42,6 +42,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish on shutdown")
     p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
     p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
+    p.add_argument("--max-inflight", type=int, default=10_000,
+                   help="requests running at once; more are refused with 'overloaded'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +72,7 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     from .registry import REGISTRY
     from .server import Config, Server
 
-    modules = ["bridge.handlers.core"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
+    modules = ["bridge.handlers.core", "bridge.handlers.dspy"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
     for module in modules + opts.handlers:
         try:
             REGISTRY.load(module)
@@ -79,7 +81,8 @@ def cmd_serve(opts: argparse.Namespace) -> int:
             return 2
     server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
                            max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
-                           tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects))
+                           tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
+                           max_inflight=opts.max_inflight))
     code = 1
     try:
         code = anyio.run(server.serve)

@@ -1,0 +1,224 @@
+"""The DSPy commands: LMs per session, predict/stream/batch, programs by reference, sessions.
+
+Every DSPy run happens inside ``dspy.context(lm=<the session's LM>)``:
+``dspy.configure`` only works from the first thread that calls it, and
+sessions must not share an LM.  Programs run with ``acall`` on the event loop,
+so cancelling a request cancels its program.  Nothing here imports DSPy at
+module import: ``ready`` must go out before the ~1 s DSPy import, which the
+warm-up does in the background (``needs_dspy`` requests wait for it).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import anyio
+
+from ..context import Context
+from ..lm import build_lm
+from ..programs import Program, build_program, load_program, outputs
+from ..protocol import ErrorType, PeerError
+from ..registry import REGISTRY, handler
+
+DEFAULT_CONCURRENCY = 8
+
+
+@REGISTRY.warmup
+def warm_up() -> None:
+    """Import DSPy and the streaming code after ``ready`` (about 1 s), off the event loop."""
+    import dspy  # noqa: F401
+
+    from .. import scripted, streaming  # noqa: F401
+
+
+# ---- errors ------------------------------------------------------------------------
+
+def dspy_error(exc: Exception) -> PeerError | None:
+    """DSPy's LM and parse failures as error frames the host can act on (no traceback)."""
+    from dspy.utils.exceptions import AdapterParseError, LMError
+
+    if isinstance(exc, AdapterParseError):
+        return PeerError("adapter_parse_error", str(exc),
+                         {"adapter": exc.adapter_name, "lm_response": str(exc.lm_response)})
+    if isinstance(exc, LMError):
+        return PeerError("lm_error", str(exc), {"code": exc.code, "model": exc.model})
+    return None
+
+
+@contextmanager
+def bad_request() -> Iterator[None]:
+    """Our builders' ValueErrors (bad signature, module, inputs, LM options) are the host's."""
+    try:
+        yield
+    except ValueError as exc:
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc)) from None
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``."""
+    try:
+        yield
+    except Exception as exc:
+        peer = dspy_error(exc)
+        if peer is None:
+            raise
+        raise peer from None
+
+
+# ---- shared steps ------------------------------------------------------------------
+
+def session_lm(ctx: Context) -> Any:
+    session = ctx.session
+    if session.lm is None:
+        raise PeerError("lm_not_configured",
+                        f"session {session.id!r} has no language model: send lm.configure {{model, ...}} "
+                        "in this session first, e.g. {\"model\": \"openai/gpt-4o-mini\"} or "
+                        "{\"model\": \"scripted/demo\", \"script\": [{\"answer\": \"42\"}]}")
+    return session.lm
+
+
+def stored(ctx: Context, ref: Any) -> Program:
+    program = ctx.session.get(ref)
+    if not isinstance(program, Program):
+        raise PeerError("unknown_ref", f"{ref!r} is not a program in session {ctx.session.id!r}")
+    return program
+
+
+def new_ref(ctx: Context, program: Program) -> dict[str, str]:
+    return {"ref": ctx.server.sessions.store(ctx.session, program)}
+
+
+async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields: Any = None) -> dict[str, Any]:
+    """Call ``program`` once for predict, stream and program.call."""
+    import dspy
+
+    with bad_request():
+        inputs = program.check_inputs(inputs)
+    lm = session_lm(ctx)
+    if not stream:
+        with reported(), dspy.context(lm=lm):
+            return {"outputs": outputs(await program.module.acall(**inputs))}
+    from ..streaming import listeners_for, stream_program  # imports DSPy: after warm-up only
+
+    with bad_request():
+        routes = listeners_for(program, fields)
+    with reported():
+        return {"outputs": outputs(await stream_program(program, inputs, lm, routes, ctx.emit))}
+
+
+def concurrency(args: dict[str, Any]) -> int:
+    value = args.get("concurrency", DEFAULT_CONCURRENCY)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise PeerError(ErrorType.BAD_REQUEST, "'concurrency' must be an integer >= 1")
+    return value
+
+
+# ---- language models ----------------------------------------------------------------
+
+@handler("lm.configure", needs_dspy=True)
+async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
+    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines)."""
+    options = {k: v for k, v in args.items() if k != "model"}
+    try:
+        lm = build_lm(args.get("model"), options)
+    except (ValueError, TypeError) as exc:
+        raise PeerError(ErrorType.BAD_REQUEST, f"cannot configure the LM: {exc}") from None
+    session = ctx.session
+    session.lm = lm
+    return {"model": lm.model, "session_id": session.id}
+
+
+# ---- one-shot programs -------------------------------------------------------------------
+
+@handler("dspy.predict", needs_dspy=True)
+async def predict(args: dict, ctx: Context) -> dict[str, Any]:
+    with bad_request():
+        program = build_program(args)
+    return await run(program, args.get("inputs"), ctx, stream=False)
+
+
+@handler("dspy.stream", needs_dspy=True)
+async def stream(args: dict, ctx: Context) -> dict[str, Any]:
+    with bad_request():
+        program = build_program(args)
+    return await run(program, args.get("inputs"), ctx, stream=True, fields=args.get("fields"))
+
+
+@handler("dspy.batch", needs_dspy=True)
+async def batch(args: dict, ctx: Context) -> dict[str, int]:
+    """Run ``items`` with bounded concurrency; one chunk per item as it finishes."""
+    import dspy
+
+    with bad_request():
+        program = build_program(args)
+        items = args.get("items")
+        if not isinstance(items, list):
+            raise ValueError("'items' must be a list of input maps")
+        items = [program.check_inputs(item, f"items[{i}]") for i, item in enumerate(items)]
+    lanes, lm = concurrency(args), session_lm(ctx)
+    total, pending = len(items), iter(enumerate(items))
+    counts = {"done": 0, "failed": 0}
+
+    async def lane() -> None:
+        for index, inputs in pending:
+            try:
+                with dspy.context(lm=lm):
+                    chunk = {"event": "item", "index": index, "outputs": outputs(await program.module.acall(**inputs))}
+            except Exception as exc:
+                counts["failed"] += 1
+                error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)
+                chunk = {"event": "item_error", "index": index, "error": {"type": error.type, "message": error.message}}
+            counts["done"] += 1
+            await ctx.emit({**chunk, "progress": {"done": counts["done"], "total": total}})
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(lanes, total)):
+            tg.start_soon(lane)
+    return {"total": total, "succeeded": total - counts["failed"], "failed": counts["failed"]}
+
+
+# ---- sessions ----------------------------------------------------------------------------
+
+@handler("session.create", inline=True)
+def session_create(args: dict, ctx: Context) -> dict[str, Any]:
+    """Create (or touch) the request's session; ``ttl_s`` sets how long it may sit idle."""
+    ttl = args.get("ttl_s")
+    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+        raise PeerError(ErrorType.BAD_REQUEST, "'ttl_s' must be a number > 0")
+    session = ctx.session
+    session.ttl_s = ttl
+    return {"session_id": session.id, "ttl_s": ttl}
+
+
+@handler("session.close", inline=True)
+def session_close(args: dict, ctx: Context) -> dict[str, Any]:
+    """Release the request's session: its LM and every ref it holds."""
+    ctx.server.sessions.close(ctx.session_id)
+    return {"closed": True}
+
+
+# ---- programs by reference -------------------------------------------------------------------
+
+@handler("program.create", needs_dspy=True)
+async def program_create(args: dict, ctx: Context) -> dict[str, str]:
+    with bad_request():
+        return new_ref(ctx, build_program(args, module_default=None))
+
+
+@handler("program.call", needs_dspy=True)
+async def program_call(args: dict, ctx: Context) -> dict[str, Any]:
+    return await run(stored(ctx, args.get("ref")), args.get("inputs"), ctx,
+                     stream=bool(args.get("stream")), fields=args.get("fields"))
+
+
+@handler("program.save", needs_dspy=True)
+async def program_save(args: dict, ctx: Context) -> dict[str, Any]:
+    return {"state": stored(ctx, args.get("ref")).state()}
+
+
+@handler("program.load", needs_dspy=True)
+async def program_load(args: dict, ctx: Context) -> dict[str, str]:
+    with bad_request():
+        return new_ref(ctx, load_program(args))

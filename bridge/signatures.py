@@ -1,0 +1,83 @@
+"""Signatures from the host: DSPy's string form, or a map of typed, described fields.
+
+Strings go to DSPy's own parser (``"question -> answer: int"``).  Maps are
+``{"inputs": {name: {"desc", "type"}}, "outputs": {...}, "instructions"}`` with
+the types below.  Every problem is a ``ValueError`` the handlers report as
+``bad_request``.  DSPy is imported lazily: this module is loaded before ``ready``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import dspy
+
+TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list[str], "dict": dict}
+_MAP_KEYS = {"inputs", "outputs", "instructions"}
+_FIELD_KEYS = {"desc", "type"}
+
+
+def parse_signature(spec: Any, instructions: Any = None) -> "type[dspy.Signature]":
+    """The signature ``spec`` describes; ``instructions`` (if given) replaces its instructions."""
+    import dspy
+
+    if instructions is not None and not isinstance(instructions, str):
+        raise ValueError("'instructions' must be a string")
+    if isinstance(spec, str):
+        try:
+            signature = dspy.Signature(spec)
+        except (ValueError, TypeError, SyntaxError) as exc:
+            raise ValueError(f"bad signature {spec!r}: {exc}") from None
+    elif isinstance(spec, dict):
+        signature = _from_map(spec)
+    else:
+        raise ValueError("'signature' must be a string like 'question -> answer' or a map with 'inputs' and 'outputs'")
+    if not signature.output_fields:
+        raise ValueError("a signature needs at least one output field")
+    return signature.with_instructions(instructions) if instructions is not None else signature
+
+
+def _from_map(spec: dict[str, Any]) -> "type[dspy.Signature]":
+    import dspy
+
+    unknown = set(spec) - _MAP_KEYS
+    if unknown:
+        raise ValueError(f"unknown signature keys {sorted(unknown)}; expected {sorted(_MAP_KEYS)}")
+    instructions = spec.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ValueError("signature 'instructions' must be a string")
+    fields = {**_fields(spec.get("inputs"), "inputs", dspy.InputField),
+              **_fields(spec.get("outputs"), "outputs", dspy.OutputField)}
+    if len(fields) < len(spec.get("inputs") or {}) + len(spec.get("outputs") or {}):
+        raise ValueError("input and output fields must have distinct names")
+    try:
+        return dspy.Signature(fields, instructions)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"bad signature: {exc}") from None
+
+
+def _fields(specs: Any, where: str, make_field: Any) -> dict[str, tuple[Any, Any]]:
+    if specs is None:
+        return {}
+    if not isinstance(specs, dict):
+        raise ValueError(f"signature '{where}' must be a map of field name -> {{'desc', 'type'}}")
+    return {_name(name, where): _field(name, spec or {}, where, make_field) for name, spec in specs.items()}
+
+
+def _name(name: Any, where: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise ValueError(f"signature {where}: field name {name!r} must be an identifier not starting with '_'")
+    return name
+
+
+def _field(name: str, spec: Any, where: str, make_field: Any) -> tuple[Any, Any]:
+    if not isinstance(spec, dict) or set(spec) - _FIELD_KEYS:
+        raise ValueError(f"signature {where}.{name} must be a map with optional 'desc' and 'type'")
+    type_name = spec.get("type", "str")
+    if not isinstance(type_name, str) or type_name not in TYPES:
+        raise ValueError(f"signature {where}.{name}: unknown type {type_name!r}; use one of {list(TYPES)}")
+    desc = spec.get("desc")
+    if desc is not None and not isinstance(desc, str):
+        raise ValueError(f"signature {where}.{name}: 'desc' must be a string")
+    return TYPES[type_name], make_field(desc=desc) if desc else make_field()
