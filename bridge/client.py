@@ -42,6 +42,7 @@ class Call:
         self.frames: list[dict] = []
         self.arrivals: list[float] = []  # perf_counter() when the reader received each frame
         self.terminal: dict | None = None
+        self._seq = 0
         self._queue: queue.SimpleQueue[tuple[float, dict]] = queue.SimpleQueue()
 
     def _next_frame(self, timeout: float | None) -> dict:
@@ -57,13 +58,12 @@ class Call:
 
     def chunks(self, timeout: float | None = 30.0) -> Iterator[Any]:
         """Yield each chunk's data in order until the terminal frame; checks ``seq``."""
-        expected = 0
         while self.terminal is None:
             frame = self._next_frame(timeout)
             if frame["type"] == "chunk":
-                if frame["seq"] != expected:
-                    raise AssertionError(f"request {self.id!r}: seq {frame['seq']}, expected {expected}")
-                expected += 1
+                if frame["seq"] != self._seq:
+                    raise AssertionError(f"request {self.id!r}: seq {frame['seq']}, expected {self._seq}")
+                self._seq += 1
                 yield frame["data"]
             else:
                 self.terminal = frame

@@ -8,7 +8,7 @@ are made msgpack-able here.  DSPy is imported lazily: loaded before ``ready``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .signatures import parse_signature
@@ -16,7 +16,7 @@ from .signatures import parse_signature
 if TYPE_CHECKING:
     import dspy
 
-MODULES = ("Predict", "ChainOfThought")
+MODULES = ("Predict", "ChainOfThought", "ReAct")
 
 
 @dataclass(slots=True)
@@ -26,6 +26,26 @@ class Program:
     kind: str
     signature: "type[dspy.Signature]"
     module: "dspy.Module"
+    config: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # ReAct: the host tools, as specified
+
+    def with_tools(self, tools: Any) -> "Program":
+        """This ReAct program with other host tools, keeping its learned state (``tools`` per call)."""
+        if self.kind != "ReAct":
+            raise ValueError("only a ReAct program takes 'tools'")
+        other = Program(self.kind, self.signature, build_module(self.kind, self.signature, self.config, tools),
+                        self.config, tools)
+        other.module.load_state(self.module.dump_state())
+        return other
+
+    def result(self, prediction: "dspy.Prediction") -> dict[str, Any]:
+        """The command result: the outputs, and for ReAct the trajectory as a list of steps."""
+        if self.kind != "ReAct":
+            return {"outputs": outputs(prediction)}
+        from .react import trajectory
+
+        return {"outputs": {k: plain(v) for k, v in prediction.items() if k != "trajectory"},
+                "trajectory": plain(trajectory(prediction))}
 
     def check_inputs(self, inputs: Any, where: str = "inputs") -> dict[str, Any]:
         """The call's keyword arguments; ValueError when they do not fit the signature."""
@@ -48,12 +68,19 @@ class Program:
         return plain(self.module.dump_state(json_mode=True))
 
 
-def build_module(kind: Any, signature: "type[dspy.Signature]", config: dict[str, Any]) -> "dspy.Module":
-    """Construct the DSPy module ``kind``; ``config`` goes to its constructor (e.g. temperature)."""
+def build_module(kind: Any, signature: "type[dspy.Signature]", config: dict[str, Any],
+                 tools: Any = None) -> "dspy.Module":
+    """Construct the DSPy module ``kind``; ``config`` goes to its constructor (e.g. temperature, max_iters)."""
     import dspy
 
     if kind not in MODULES:
         raise ValueError(f"unknown module {kind!r}; one of {list(MODULES)}")
+    if kind == "ReAct":
+        from .react import build_react
+
+        return build_react(signature, tools, config)
+    if tools is not None:
+        raise ValueError(f"'tools' needs module ReAct, not {kind}")
     return getattr(dspy, kind)(signature, **config)
 
 
@@ -64,11 +91,13 @@ def build_program(args: dict[str, Any], module_default: str | None = "Predict") 
     if not isinstance(config, dict):
         raise ValueError("'config' must be a map of module settings")
     signature = parse_signature(args.get("signature"), args.get("instructions"))
+    if "max_iters" in args:
+        config = {**config, "max_iters": args["max_iters"]}
     try:
-        module = build_module(kind, signature, config)
+        module = build_module(kind, signature, config, args.get("tools"))
     except TypeError as exc:
         raise ValueError(f"bad module config: {exc}") from None
-    return Program(kind, signature, module)
+    return Program(kind, signature, module, config, args.get("tools"))
 
 
 def load_program(args: dict[str, Any]) -> Program:

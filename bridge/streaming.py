@@ -26,6 +26,24 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 BUFFER = 64  # token items between the LM and the host; beyond it DSPy's ``await send`` waits
 
 
+class Published:
+    """An event a tool or callback publishes into the token stream, to keep its place among the tokens."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event
+
+
+async def publish(event: dict[str, Any], emit: Emit) -> None:
+    """Emit ``event`` in order with the run's tokens: through the stream while one is open, else directly."""
+    stream = dspy.settings.send_stream
+    if stream is not None:
+        await stream.send(Published(event))
+    else:
+        await emit(event)
+
+
 def status(message: str) -> dict[str, Any]:
     return {"event": "status", "message": message}
 
@@ -69,7 +87,8 @@ class StatusCallback(BaseCallback):
 def listeners_for(program: Program, fields: Any) -> dict[int, list[StreamListener]]:
     """One listener per field (default: every output field), keyed by the id of the predictor writing it.
 
-    Unknown fields are checked here: DSPy 3.4.1's lookup fails on them with a TypeError.
+    Listeners allow reuse: ReAct runs its predictor once per step.  Unknown fields
+    are checked here: DSPy 3.4.1's lookup fails on them with a TypeError.
     """
     known = program.output_fields()
     fields = known if fields is None else fields
@@ -79,7 +98,8 @@ def listeners_for(program: Program, fields: Any) -> dict[int, list[StreamListene
     if unknown:
         raise ValueError(f"'fields' names no output field: {sorted(unknown)}; outputs are {known}")
     return find_predictor_for_stream_listeners(program.module,
-                                               [StreamListener(signature_field_name=f) for f in fields])
+                                               [StreamListener(signature_field_name=f, allow_reuse=True)
+                                                for f in fields])
 
 
 async def stream_program(program: Program, inputs: dict[str, Any], lm: Any,
@@ -121,6 +141,8 @@ async def stream_program(program: Program, inputs: dict[str, Any], lm: Any,
         async for item in receive:
             if isinstance(item, StatusMessage):
                 await emit(status(item.message))
+            elif isinstance(item, Published):
+                await emit(item.event)
             else:
                 for listener in routes.get(getattr(item, "predict_id", None), ()):
                     await forward(listener.receive(item))

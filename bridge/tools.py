@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
 
@@ -71,15 +71,21 @@ class ToolBridge:
     def parked(self) -> int:
         return len(self._slots)
 
-    async def call(self, ctx: "Context", tool: str, args: list, kwargs: dict,
-                   timeout_ms: int | None = None) -> Any:
-        """Send one ``rpc_request`` for ``ctx``'s request and wait for the answer."""
+    async def call(self, ctx: "Context", tool: str, args: list, kwargs: dict, timeout_ms: int | None = None,
+                   announce: Callable[[int], Awaitable[None]] | None = None) -> Any:
+        """Send one ``rpc_request`` for ``ctx``'s request and wait for the answer.
+
+        ``announce(rpc_id)`` runs just before the request is written, so a caller
+        can tell the host which call is coming (ReAct's ``tool_call`` chunk).
+        """
         if self._input_closed:
             raise ToolError("host_closed", "the host closed its input; no tool answer can arrive")
         if ctx.closed:
             raise _closed(ctx, tool)
         timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
         rpc_id = next(self._ids)
+        if announce is not None:
+            await announce(rpc_id)
         slot = self._slots[rpc_id] = Slot(time.monotonic() + timeout_ms / 1000)
         queue = self._deadlines.get(timeout_ms)
         if not queue:

@@ -10,8 +10,8 @@ warm-up does in the background (``needs_dspy`` requests wait for it).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
 
 import anyio
 
@@ -29,7 +29,7 @@ def warm_up() -> None:
     """Import DSPy and the streaming code after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
-    from .. import scripted, streaming  # noqa: F401
+    from .. import react, scripted, streaming  # noqa: F401
 
 
 # ---- errors ------------------------------------------------------------------------
@@ -94,18 +94,32 @@ async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields:
     """Call ``program`` once for predict, stream and program.call."""
     import dspy
 
-    with bad_request():
-        inputs = program.check_inputs(inputs)
-    lm = session_lm(ctx)
-    if not stream:
-        with reported(), dspy.context(lm=lm):
-            return {"outputs": outputs(await program.module.acall(**inputs))}
     from ..streaming import listeners_for, stream_program  # imports DSPy: after warm-up only
 
     with bad_request():
-        routes = listeners_for(program, fields)
+        inputs = program.check_inputs(inputs)
+        routes = listeners_for(program, fields) if stream else {}
+    lm = session_lm(ctx)
     with reported():
-        return {"outputs": outputs(await stream_program(program, inputs, lm, routes, ctx.emit))}
+        async with react_steps(ctx, program):
+            if stream:
+                prediction = await stream_program(program, inputs, lm, routes, ctx.emit)
+            else:
+                with dspy.context(lm=lm):
+                    prediction = await program.module.acall(**inputs)
+    return program.result(prediction)
+
+
+@asynccontextmanager
+async def react_steps(ctx: Context, program: Program) -> AsyncIterator[None]:
+    """For ReAct: tool proxies call the host through ``ctx`` and steps become chunks."""
+    if program.kind != "ReAct":
+        yield
+        return
+    from ..react import steps
+
+    async with steps(ctx, program.module):
+        yield
 
 
 def concurrency(args: dict[str, Any]) -> int:
@@ -207,10 +221,22 @@ async def program_create(args: dict, ctx: Context) -> dict[str, str]:
         return new_ref(ctx, build_program(args, module_default=None))
 
 
+@handler("dspy.react", needs_dspy=True)
+async def react(args: dict, ctx: Context) -> dict[str, Any]:
+    """ReAct with tools that live on the host; thought, tool_call and observation chunks per step."""
+    with bad_request():
+        program = build_program({**args, "module": "ReAct"})
+    return await run(program, args.get("inputs"), ctx, stream=bool(args.get("stream")), fields=args.get("fields"))
+
+
 @handler("program.call", needs_dspy=True)
 async def program_call(args: dict, ctx: Context) -> dict[str, Any]:
-    return await run(stored(ctx, args.get("ref")), args.get("inputs"), ctx,
-                     stream=bool(args.get("stream")), fields=args.get("fields"))
+    """Call a stored program; a ReAct program may be given other host ``tools`` for this call."""
+    program = stored(ctx, args.get("ref"))
+    if "tools" in args:
+        with bad_request():
+            program = program.with_tools(args["tools"])
+    return await run(program, args.get("inputs"), ctx, stream=bool(args.get("stream")), fields=args.get("fields"))
 
 
 @handler("program.save", needs_dspy=True)
