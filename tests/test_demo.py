@@ -12,7 +12,7 @@ def test_demo_prints_the_whole_conversation():
                          cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert sum("tool call" in line for line in lines) == 3
+    assert sum(line.strip().startswith("tool call") for line in lines) == 3
     assert any("calculator(expression='330 - 93')" in line for line in lines)
     assert any(line.strip() == "observed    237" for line in lines)
     assert sum(line.strip().startswith("thinking") for line in lines) == 4
