@@ -27,7 +27,7 @@ FLOOR = [sys.executable, "-m", "bench.floor"]
 class Peer:
     """One worker process, spoken to over its stdin/stdout pipes."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], warm: bool = True) -> None:
         env = dict(os.environ, PYTHONPATH=ROOT)
         started = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
@@ -35,8 +35,18 @@ class Peer:
         self.rfd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         self.wfd = self.proc.stdin.fileno()  # type: ignore[union-attr]
         self._buf = bytearray()
-        self.bodies()
+        ready = msgpack.unpackb(self.bodies()[0], raw=False)
         self.ready_ms = (time.perf_counter() - started) * 1000
+        if warm and "stats" in ready.get("commands", ()):
+            self.wait_warm()
+
+    def wait_warm(self, timeout: float = 60.0) -> None:
+        """Wait out the worker's background DSPy import: figures are for a worker in service."""
+        deadline = time.monotonic() + timeout
+        while not self.call("stats")["data"]["warm"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not finish warming up")
+            time.sleep(0.02)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

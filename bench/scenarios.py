@@ -108,7 +108,7 @@ def rss_growth_tools_mb(peer: Peer, n: int = 100_000) -> float:
 
 def start_to_ready_ms(argv: list[str]) -> float:
     """Process start to the ``ready`` frame, measured at the host (ms)."""
-    peer = Peer(argv)
+    peer = Peer(argv, warm=False)
     peer.close()
     return peer.ready_ms
 

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
     sub = parser.add_subparsers(dest="command")
     add_serve_options(sub.add_parser("serve", help="run the worker (default)"))
+    sub.add_parser("demo", help="a ReAct agent with two host tools on the scripted LM (no key, no network)")
     sub.add_parser("encode", help="JSON lines on stdin -> frames on stdout")
     sub.add_parser("decode", help="frames on stdin -> JSON lines on stdout")
     return parser
@@ -65,6 +66,9 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     else:
         in_fd, out_fd = 0, stdio.claim_stdout()
     stdio.setup_logging(opts.log_level)
+    # DSPy work runs in threads; a thread wanting the GIL waits up to one switch interval.
+    # 1 ms instead of 5 ms keeps the loop (pings, frames) responsive under DSPy load.
+    sys.setswitchinterval(0.001)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
     import anyio
@@ -94,6 +98,13 @@ def cmd_serve(opts: argparse.Namespace) -> int:
             server.writer.flush_blocking(timeout=2.0)
         stdio.hard_exit(code)
     return code  # not reached: hard_exit does not return
+
+
+@_subcommand
+def cmd_demo(opts: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run()
 
 
 @_subcommand

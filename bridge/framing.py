@@ -8,8 +8,7 @@ is testable without a process or an event loop.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -19,31 +18,27 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """A well-formed frame: one decoded msgpack map."""
 
     body: dict
 
 
-@dataclass(frozen=True, slots=True)
-class BadFrame:
+class BadFrame(NamedTuple):
     """A frame the peer got wrong; ``reason`` says how.  The stream stays in sync."""
 
     reason: str
     size: int
 
 
-@dataclass(frozen=True, slots=True)
-class FrameTooLarge:
+class FrameTooLarge(NamedTuple):
     """A length over the limit.  Its body is skipped, not buffered."""
 
     size: int
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
-class Truncated:
+class Truncated(NamedTuple):
     """End of input in the middle of a frame."""
 
     have: int

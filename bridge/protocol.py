@@ -7,8 +7,7 @@ side caused an error.  See ``docs/protocol.md`` for the full contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
 
@@ -32,8 +31,7 @@ class ErrorType:
     INTERNAL_ERROR = "internal_error"
 
 
-@dataclass(slots=True)
-class Request:
+class Request(NamedTuple):
     id: RequestId
     command: str
     args: dict
@@ -43,32 +41,27 @@ class Request:
     telemetry: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(NamedTuple):
     id: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Credit:
+class Credit(NamedTuple):
     id: Any
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class RpcResponse:
+class RpcResponse(NamedTuple):
     rpc_id: Any
     ok: bool
     result: Any = None
-    error: dict = field(default_factory=dict)
+    error: dict | None = None  # {"type", "message"} when not ok
 
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    pass
+class Shutdown(NamedTuple):
+    """Stop accepting requests; drain; exit 0."""
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
+class Rejected(NamedTuple):
     """A frame the peer got wrong; ``frame`` is the error frame to answer with."""
 
     frame: dict
@@ -156,7 +149,7 @@ def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
     err = body.get("error")
     if not ok and not isinstance(err, dict):
         err = {"type": "tool_error", "message": repr(err)}
-    return RpcResponse(body["rpc_id"], ok, body.get("result"), err or {})
+    return RpcResponse(body["rpc_id"], ok, body.get("result"), err)
 
 
 # ---- worker -> host frames -------------------------------------------------------

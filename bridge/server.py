@@ -14,8 +14,7 @@ import signal
 import time
 import traceback
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import anyio.lowlevel
@@ -34,8 +33,7 @@ log = logging.getLogger("bridge.server")
 CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions"]
 
 
-@dataclass
-class Config:
+class Config(NamedTuple):
     in_fd: int = 0
     out_fd: int = 1
     max_frame_bytes: int = framing.MAX_FRAME_BYTES
@@ -44,7 +42,6 @@ class Config:
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
-    handlers: list[str] = field(default_factory=list)
 
 
 class Inflight:
@@ -76,7 +73,7 @@ class Server:
         self.writer: FrameWriter = None  # type: ignore[assignment]  # set in serve()
         self.tools: ToolBridge = None  # type: ignore[assignment]
         self.warm = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(config.max_threads)
+        self.limiter = anyio.CapacityLimiter(config.max_threads)
         self._idle = anyio.Event()
         self._token: Any = None
         self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
@@ -180,7 +177,7 @@ class Server:
         """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
         try:
             for fn in self.registry.warmups:
-                await anyio.to_thread.run_sync(fn, limiter=self._limiter, abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
         except Exception:
             log.exception("warm-up failed; requests that need it will fail on their own")
         finally:
@@ -284,14 +281,14 @@ class Server:
             return await entry.fn(args, ctx)
         if kind is Kind.SYNC:
             return await anyio.to_thread.run_sync(entry.fn, args, ctx, abandon_on_cancel=True,
-                                                  limiter=self._limiter)
+                                                  limiter=self.limiter)
         if kind is Kind.ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
                 async for item in agen:
                     await ctx.emit(item)
             return None
         return await anyio.to_thread.run_sync(_drive_generator, entry, args, ctx, abandon_on_cancel=True,
-                                              limiter=self._limiter)
+                                              limiter=self.limiter)
 
     @staticmethod
     def _cancelled_frame(req: protocol.Request, reason: str | None) -> dict:

@@ -83,7 +83,7 @@ def test_protocol_parses_every_host_frame():
     assert protocol.parse({"type": "credit", "id": 1, "n": 3}) == protocol.Credit(1, 3)
     assert protocol.parse({"type": "shutdown"}) == protocol.Shutdown()
     ok = protocol.parse({"type": "rpc_response", "rpc_id": 3, "ok": True, "result": [1]})
-    assert ok == protocol.RpcResponse(3, True, [1], {})
+    assert ok == protocol.RpcResponse(3, True, [1], None)
     err = protocol.parse({"type": "rpc_response", "rpc_id": 3, "ok": False, "error": {"type": "t", "message": "m"}})
     assert err.error == {"type": "t", "message": "m"}
 

@@ -104,10 +104,25 @@ async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields:
         async with react_steps(ctx, program):
             if stream:
                 prediction = await stream_program(program, inputs, lm, routes, ctx.emit)
-            else:
+            elif program.kind == "ReAct":  # async tools need acall: sync ReAct would hang on them
                 with dspy.context(lm=lm):
                     prediction = await program.module.acall(**inputs)
+            else:
+                prediction = await in_thread(ctx, program, inputs, lm)
     return program.result(prediction)
+
+
+async def in_thread(ctx: Context, program: Program, inputs: dict[str, Any], lm: Any) -> Any:
+    """Run a plain program call in a worker thread: DSPy's formatting and parsing are CPU work
+    that would otherwise stall every other request on the loop.  Context variables (the
+    ``dspy.context`` settings, callbacks) carry into the thread."""
+    import dspy
+
+    def call() -> Any:
+        with dspy.context(lm=lm):
+            return program.module(**inputs)
+
+    return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=ctx.server.limiter)
 
 
 @asynccontextmanager
@@ -163,8 +178,6 @@ async def stream(args: dict, ctx: Context) -> dict[str, Any]:
 @handler("dspy.batch", needs_dspy=True)
 async def batch(args: dict, ctx: Context) -> dict[str, int]:
     """Run ``items`` with bounded concurrency; one chunk per item as it finishes."""
-    import dspy
-
     with bad_request():
         program = build_program(args)
         items = args.get("items")
@@ -178,8 +191,7 @@ async def batch(args: dict, ctx: Context) -> dict[str, int]:
     async def lane() -> None:
         for index, inputs in pending:
             try:
-                with dspy.context(lm=lm):
-                    chunk = {"event": "item", "index": index, "outputs": outputs(await program.module.acall(**inputs))}
+                chunk = {"event": "item", "index": index, "outputs": outputs(await in_thread(ctx, program, inputs, lm))}
             except Exception as exc:
                 counts["failed"] += 1
                 error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)
