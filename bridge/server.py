@@ -8,6 +8,7 @@ the reader never blocks on a handler.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -181,6 +182,7 @@ class Server:
         except Exception:
             log.exception("warm-up failed; requests that need it will fail on their own")
         finally:
+            gc.freeze()  # what the warm-up imported lives forever: keep it out of every collection
             self.warm.set()
 
     # ---- dispatch ----------------------------------------------------------------

@@ -5,13 +5,20 @@ Modelled on the MCP SDK's session layer: each call owns one slot keyed by
 ``finally`` whatever happens, so nothing keyed by ``rpc_id`` outlives its call.
 
 A call is on the hot path of ReAct and of ``rpc_loop``, so it uses no cancel
-scope of its own.  Deadlines are kept by one timer task: calls with the same
+scope of its own, and it parks on a bare future of the running loop (the worker
+always runs on anyio's asyncio backend): an ``anyio.Event`` is created through
+backend dispatch and waits on an ``asyncio.Event``, which makes yet another
+future — together about half the cost of a host call.  Cancellation still
+reaches the waiting task the anyio way, through its scope.
+
+Deadlines are kept by one timer task: calls with the same
 timeout expire in the order they were made, so per timeout value an insertion-
 ordered dict is a deadline queue with O(1) removal when the answer comes first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -40,18 +47,26 @@ class ToolError(Exception):
 class Slot:
     """One parked call: filled by the host's answer, or aborted by a deadline, the request or EOF."""
 
-    __slots__ = ("event", "response", "abort", "deadline")
+    __slots__ = ("future", "response", "abort", "deadline")
 
     def __init__(self, deadline: float) -> None:
-        self.event = anyio.Event()
+        self.future = asyncio.get_running_loop().create_future()
         self.response: protocol.RpcResponse | None = None
         self.abort: str | None = None
         self.deadline = deadline
 
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def fill(self, response: protocol.RpcResponse) -> None:
+        self.response = response
+        self.future.set_result(None)
+
     def finish(self, abort: str) -> None:
-        if not self.event.is_set():
+        if not self.future.done():
             self.abort = abort
-            self.event.set()
+            self.future.set_result(None)
 
 
 class ToolBridge:
@@ -96,7 +111,7 @@ class ToolBridge:
         self.calls += 1
         try:
             self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
-            await slot.event.wait()
+            await slot.future
         finally:
             ctx.parked.discard(slot)
             del self._slots[rpc_id]
@@ -108,11 +123,10 @@ class ToolBridge:
     def on_response(self, response: protocol.RpcResponse) -> None:
         """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored."""
         slot = self._slots.get(response.rpc_id) if isinstance(response.rpc_id, int) else None
-        if slot is None or slot.event.is_set():
+        if slot is None or slot.done:
             log.warning("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
             return
-        slot.response = response
-        slot.event.set()
+        slot.fill(response)
 
     def input_closed(self) -> None:
         """The host's input reached EOF: fail every parked call now, none can be answered."""

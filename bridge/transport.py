@@ -21,6 +21,7 @@ from . import framing
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
+EAGER_BYTES = 512  # pending output written at once, so the host starts on it while we go on
 F_SETPIPE_SZ = 1031
 
 
@@ -84,10 +85,22 @@ class FrameWriter:
         self._buf += data
         self.frames_out += 1
         self.bytes_out += len(data)
-        if not self._scheduled and not self._corked:
-            self._scheduled = True
-            self._wake.set()
+        if not self._corked:
+            if len(self._buf) >= EAGER_BYTES:
+                self._write_now()
+            if self._buf and not self._scheduled:
+                self._scheduled = True
+                self._wake.set()
         return len(data)
+
+    def _write_now(self) -> None:
+        buf = self._buf
+        try:
+            del buf[:os.write(self.fd, buf)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._break()
 
     def cork(self) -> None:
         """Hold frames back while the reader handles a batch, so replies go out in one write."""
@@ -98,13 +111,7 @@ class FrameWriter:
         self._corked = False
         buf = self._buf
         if buf and not self.broken.is_set():
-            try:
-                del buf[:os.write(self.fd, buf)]
-            except BlockingIOError:
-                pass
-            except OSError:
-                self._break()
-                return
+            self._write_now()
         if buf and not self._scheduled:
             self._scheduled = True
             self._wake.set()
