@@ -1,4 +1,5 @@
-"""The ``bridge`` command: ``serve`` (the worker, and the default), ``encode``, ``decode``.
+"""The ``bridge`` command: ``serve`` (the worker, and the default), ``demo``, ``encode``, ``decode``,
+``replay`` and ``transcript show`` (see ``docs/transcripts.md``).
 
 ``serve`` is careful about order: stdout is claimed for frames before any
 module that might print is imported.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -44,6 +45,15 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
     p.add_argument("--max-inflight", type=int, default=10_000,
                    help="requests running at once; more are refused with 'overloaded'")
+    p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
+                   help="module prefix the 'call' command may reach (repeatable; default: dspy)")
+    p.add_argument("--record", metavar="PATH", help="write a transcript: every frame and LM call (JSON Lines)")
+    p.add_argument("--record-append", action="store_true",
+                   help="append to PATH as a new segment (a restarted worker) instead of replacing it")
+    p.add_argument("--replay-lm", metavar="PATH", help="answer every LM call from this transcript's recorded ones")
+    p.add_argument("--replay-segment", type=int, metavar="N", help="with --replay-lm: only segment N's calls")
+    p.add_argument("--replay-speed", type=float, metavar="X",
+                   help="with --replay-lm: recorded LM pacing, X times faster (default: no waiting)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="a ReAct agent with two host tools on the scripted LM (no key, no network)")
     sub.add_parser("encode", help="JSON lines on stdin -> frames on stdout")
     sub.add_parser("decode", help="frames on stdin -> JSON lines on stdout")
+    replay = sub.add_parser("replay", help="replay a transcript against a fresh worker; exit 1 on a difference")
+    replay.add_argument("path")
+    replay.add_argument("--update", action="store_true", help="rewrite the transcript from the new run")
+    replay.add_argument("--show", action="store_true", help="print the conversation as it happens")
+    replay.add_argument("--speed", type=float, metavar="X", help="recorded pacing, X times faster (default: none)")
+    replay.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                        help="how long to wait for a frame the recording says comes (default 10)")
+    transcript = sub.add_parser("transcript", help="work with transcripts")
+    transcript.add_argument("action", choices=["show"])
+    transcript.add_argument("path")
     return parser
 
 
@@ -76,7 +96,8 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     from .registry import REGISTRY
     from .server import Config, Server
 
-    modules = ["bridge.handlers.core", "bridge.handlers.dspy"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
+    modules = ["bridge.handlers.core", "bridge.handlers.dspy", "bridge.handlers.pipeline", "bridge.handlers.optimize",
+               "bridge.handlers.calls"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
     for module in modules + opts.handlers:
         try:
             REGISTRY.load(module)
@@ -86,7 +107,12 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
                            max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
                            tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                           max_inflight=opts.max_inflight))
+                           max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"])))
+    try:
+        _record_and_replay(opts, server, REGISTRY)
+    except (OSError, ValueError) as exc:
+        print(f"bridge: {exc}", file=sys.stderr)
+        return 2
     code = 1
     try:
         code = anyio.run(server.serve)
@@ -96,8 +122,40 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     finally:
         if server.writer is not None:
             server.writer.flush_blocking(timeout=2.0)
+        if server.recorder is not None:
+            server.recorder.close(code)
         stdio.hard_exit(code)
     return code  # not reached: hard_exit does not return
+
+
+def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> None:
+    """``--record``: a recorder for every frame, and the LM hook once DSPy is imported.
+    ``--replay-lm``: every LM answered from a transcript."""
+    if opts.record:
+        from functools import partial
+
+        from . import lm_recording, transcript
+
+        server.recorder = transcript.Recorder.open(opts.record, vars(opts), append=opts.record_append)
+        registry.warmup(partial(lm_recording.install, server.recorder))
+    if opts.replay_lm:
+        from .replay_engine import serve_every_lm
+
+        serve_every_lm(opts.replay_lm, opts.replay_segment, opts.replay_speed)
+
+
+@_subcommand
+def cmd_replay(opts: argparse.Namespace) -> int:
+    from . import replay
+
+    return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout)
+
+
+@_subcommand
+def cmd_transcript(opts: argparse.Namespace) -> int:
+    from . import chatlog
+
+    return chatlog.show_file(opts.path)
 
 
 @_subcommand

@@ -19,9 +19,10 @@ _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
 
 class Frame(NamedTuple):
-    """A well-formed frame: one decoded msgpack map."""
+    """A well-formed frame: one decoded msgpack map (``raw``: its body bytes, when kept)."""
 
     body: dict
+    raw: bytes | None = None
 
 
 class BadFrame(NamedTuple):
@@ -29,6 +30,7 @@ class BadFrame(NamedTuple):
 
     reason: str
     size: int
+    raw: bytes | None = None
 
 
 class FrameTooLarge(NamedTuple):
@@ -43,6 +45,7 @@ class Truncated(NamedTuple):
 
     have: int
     want: int
+    raw: bytes | None = None
 
 
 Event = Frame | BadFrame | FrameTooLarge | Truncated
@@ -68,10 +71,15 @@ def unpack_body(body: bytes | memoryview) -> Frame | BadFrame:
 
 
 class Decoder:
-    """Incremental decoder: ``feed`` any cut of the byte stream, get whole-frame events."""
+    """Incremental decoder: ``feed`` any cut of the byte stream, get whole-frame events.
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    ``keep_raw`` attaches each frame's bytes to its event, for byte-faithful
+    transcripts; off, the hot path pays one branch per frame.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, keep_raw: bool = False) -> None:
         self.max_frame_bytes = max_frame_bytes
+        self.keep_raw = keep_raw
         self._buf = bytearray()
         self._skip = 0  # bytes of an oversize body still to discard
 
@@ -97,7 +105,10 @@ class Decoder:
                     continue
                 if end - pos - 4 < size:
                     break
-                events.append(unpack_body(view[pos + 4 : pos + 4 + size]))
+                event = unpack_body(view[pos + 4 : pos + 4 + size])
+                if self.keep_raw:  # a copy: no view may outlive this call (the buffer is resized)
+                    event = event._replace(raw=bytes(view[pos + 4 : pos + 4 + size]))
+                events.append(event)
                 pos += 4 + size
         finally:
             view.release()
@@ -114,8 +125,9 @@ class Decoder:
             return []
         have = len(self._buf)
         want = HEADER.unpack_from(self._buf)[0] + 4 if have >= 4 else 4
+        raw = bytes(self._buf) if self.keep_raw else None
         self._buf.clear()
-        return [Truncated(have, want)]
+        return [Truncated(have, want, raw)]
 
     @property
     def buffered(self) -> int:

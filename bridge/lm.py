@@ -2,7 +2,8 @@
 
 Offline engines are picked by the model's prefix (``scripted/…``, ``replay/…``)
 from a registry, so a new one plugs in with ``register_engine`` and nothing else
-changes.  They are DSPy 3.4 engine objects (``complete``/``stream`` on lm15
+changes; ``force_engine`` serves every model with one engine (``--replay-lm``).
+They are DSPy 3.4 engine objects (``complete``/``stream`` on lm15
 types), so calls, streaming, callbacks and usage all take DSPy's real path;
 ``DummyLM`` never streams and ``BaseLM.forward`` is deprecated.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
@@ -28,6 +30,7 @@ EngineFactory = Callable[[str, dict[str, Any]], "OfflineEngine"]
 pops the options it consumes, and the rest go to ``dspy.LM``."""
 
 _ENGINES: dict[str, EngineFactory] = {}
+_FORCED: EngineFactory | None = None
 _TOKENS = re.compile(r"\S+\s*|\s+")
 _MARKER = re.compile(r"(\[\[ ## \w+ ## \]\])")
 
@@ -35,6 +38,17 @@ _MARKER = re.compile(r"(\[\[ ## \w+ ## \]\])")
 def register_engine(prefix: str, factory: EngineFactory) -> None:
     """Serve models named ``prefix/<name>`` with the engine ``factory`` builds."""
     _ENGINES[prefix] = factory
+
+
+def force_engine(factory: EngineFactory | None) -> None:
+    """Serve every model with ``factory``'s engine, whatever its name (``None``: stop).
+
+    The model keeps its name, so results that echo it are unchanged; its own
+    engine's options are still checked and consumed.  The factory also pops
+    what a custom engine cannot take (client settings such as ``api_key``).
+    """
+    global _FORCED
+    _FORCED = factory
 
 
 def build_lm(model: Any, options: dict[str, Any]) -> "dspy.LM":
@@ -49,10 +63,12 @@ def build_lm(model: Any, options: dict[str, Any]) -> "dspy.LM":
         raise ValueError("'model' must be a non-empty string, e.g. 'openai/gpt-4o-mini' or 'scripted/demo'")
     prefix, _, name = model.partition("/")
     factory = _ENGINES.get(prefix) if name else None
-    if factory is None:
+    if factory is None and _FORCED is None:
         return dspy.LM(model, **options)
     options = dict(options)
-    engine = factory(name, options)
+    engine = factory(name, options) if factory is not None else None
+    if _FORCED is not None:
+        engine = _FORCED(name, options)
     options.setdefault("cache", False)
     options.setdefault("num_retries", 0)
     return dspy.LM(model, engine=engine, async_engine=AsyncOfflineEngine(engine), **options)
@@ -76,10 +92,16 @@ def request_text(request: "Request") -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """One planned answer: its full text and the pieces it streams as."""
+    """One planned answer: its full text, the pieces it streams as, and their timing.
+
+    ``waits[i]`` is the time before piece ``i``.  A reply that does not ``end``
+    (a recorded call that never finished) waits after its pieces until cancelled.
+    """
 
     text: str
     pieces: list[str]
+    waits: list[float]
+    ends: bool = True
 
 
 class OfflineEngine:
@@ -102,7 +124,8 @@ class OfflineEngine:
 
     def plan(self, request: "Request", streaming: bool) -> Reply:
         text = self.reply_text(request, streaming)
-        return Reply(text, [piece for part in _MARKER.split(text) for piece in self._split(part)])
+        pieces = [piece for part in _MARKER.split(text) for piece in self._split(part)]
+        return Reply(text, pieces, [self.delay] * len(pieces))
 
     def _split(self, text: str) -> list[str]:
         """A field marker is one piece: DSPy's stream listener must see it within 10 pieces."""
@@ -138,15 +161,20 @@ class OfflineEngine:
 
     def complete(self, request: "Request") -> "Response":
         reply = self.plan(request, streaming=False)
-        time.sleep(self.delay * len(reply.pieces))
+        time.sleep(sum(reply.waits))
+        if not reply.ends:
+            threading.Event().wait()  # never set: the call ends when its request is abandoned
         return self.response(request, reply)
 
     def stream(self, request: "Request") -> Iterator[Any]:
-        start, deltas, end = self.events(request, self.plan(request, streaming=True))
+        reply = self.plan(request, streaming=True)
+        start, deltas, end = self.events(request, reply)
         yield start
-        for delta in deltas:
-            time.sleep(self.delay)
+        for wait, delta in zip(reply.waits, deltas):
+            time.sleep(wait)
             yield delta
+        if not reply.ends:
+            threading.Event().wait()
         yield end
 
     def close(self) -> None:
@@ -161,23 +189,24 @@ class AsyncOfflineEngine:
 
     async def complete(self, request: "Request") -> "Response":
         reply = self.sync.plan(request, streaming=False)
-        await anyio.sleep(self.sync.delay * len(reply.pieces))
+        await anyio.sleep(sum(reply.waits))
+        if not reply.ends:
+            await anyio.sleep_forever()
         return self.sync.response(request, reply)
 
     async def stream(self, request: "Request") -> AsyncIterator[Any]:
-        start, deltas, end = self.sync.events(request, self.sync.plan(request, streaming=True))
+        reply = self.sync.plan(request, streaming=True)
+        start, deltas, end = self.sync.events(request, reply)
         yield start
-        for delta in deltas:
-            await anyio.sleep(self.sync.delay)
+        for wait, delta in zip(reply.waits, deltas):
+            await anyio.sleep(wait)
             yield delta
+        if not reply.ends:
+            await anyio.sleep_forever()
         yield end
 
     async def aclose(self) -> None:
         pass
-
-
-def _replay_unavailable(name: str, options: dict[str, Any]) -> OfflineEngine:
-    raise ValueError("the replay/ engine is not available yet: recorded completions come in a later release")
 
 
 def _scripted(name: str, options: dict[str, Any]) -> OfflineEngine:
@@ -186,5 +215,11 @@ def _scripted(name: str, options: dict[str, Any]) -> OfflineEngine:
     return ScriptedEngine.from_options(options)
 
 
+def _replay(name: str, options: dict[str, Any]) -> OfflineEngine:
+    from .replay_engine import ReplayEngine
+
+    return ReplayEngine.from_options(name, options)
+
+
 register_engine("scripted", _scripted)
-register_engine("replay", _replay_unavailable)
+register_engine("replay", _replay)

@@ -63,6 +63,11 @@ class Program:
         return [name for _, predictor in self.module.named_predictors()
                 for name in predictor.signature.output_fields]
 
+    def result_fields(self) -> list[str]:
+        """The output fields a call returns: its last predictor's (ChainOfThought's, ReAct's extract step)."""
+        _, last = self.module.named_predictors()[-1]
+        return list(last.signature.output_fields)
+
     def state(self) -> dict[str, Any]:
         """DSPy's JSON state (demos, instructions…), as plain data."""
         return plain(self.module.dump_state(json_mode=True))

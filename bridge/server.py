@@ -43,6 +43,7 @@ class Config(NamedTuple):
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
+    allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
 
 
 class Inflight:
@@ -78,6 +79,7 @@ class Server:
         self._idle = anyio.Event()
         self._token: Any = None
         self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
+        self.recorder: Any = None  # a transcript.Recorder with --record: sees every frame both ways
 
     # ---- lifecycle ---------------------------------------------------------------
 
@@ -87,6 +89,8 @@ class Server:
         prepare_fd(cfg.in_fd)
         prepare_fd(cfg.out_fd)
         self.writer = FrameWriter(cfg.out_fd)
+        if self.recorder is not None:
+            self.writer.tap = self.recorder.frame_out
         self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
         self._token = anyio.lowlevel.current_token()
         async with anyio.create_task_group() as tg:
@@ -102,7 +106,7 @@ class Server:
         return 0
 
     async def _read_loop(self) -> None:
-        decoder = framing.Decoder(self.config.max_frame_bytes)
+        decoder = framing.Decoder(self.config.max_frame_bytes, keep_raw=self.recorder is not None)
         fd = self.config.in_fd
         writer = self.writer
         while True:
@@ -131,6 +135,8 @@ class Server:
 
     async def _on_eof(self) -> None:
         """EOF on input: a closed port exits at once; a finished shell pipe drains first."""
+        if self.recorder is not None:
+            self.recorder.eof()
         self.tools.input_closed()
         if peer_closed(self.config.out_fd):
             log.info("input and output closed (port_close): exiting now")
@@ -189,6 +195,8 @@ class Server:
 
     def _on_decoded(self, event: framing.Event) -> None:
         self.frames_in += 1
+        if self.recorder is not None:
+            self.recorder.frame_in(event)
         if isinstance(event, framing.Frame):
             self._dispatch(protocol.parse(event.body))
         elif isinstance(event, framing.FrameTooLarge):
@@ -259,6 +267,8 @@ class Server:
 
     async def _run(self, entry: Entry, req: protocol.Request, state: Inflight) -> None:
         ctx = state.ctx
+        if self.recorder is not None:
+            self.recorder.bind(ctx)  # in this request's task: its LM calls are recorded as its own
         frame: dict | None = None
         try:
             with state.scope:

@@ -12,6 +12,7 @@ Imports DSPy at module level: load it only after warm-up.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Awaitable, Callable
 
 import anyio
@@ -29,19 +30,26 @@ BUFFER = 64  # token items between the LM and the host; beyond it DSPy's ``await
 class Published:
     """An event a tool or callback publishes into the token stream, to keep its place among the tokens."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "delivered")
 
     def __init__(self, event: dict[str, Any]) -> None:
         self.event = event
+        self.delivered = anyio.Event()
 
 
 async def publish(event: dict[str, Any], emit: Emit) -> None:
-    """Emit ``event`` in order with the run's tokens: through the stream while one is open, else directly."""
+    """Emit ``event`` in order with the run's tokens: through the stream while one is open, else directly.
+
+    Returns once the event is out, so what the caller does next (a tool call's
+    ``rpc_request``) reaches the host after it, as it does without streaming.
+    """
     stream = dspy.settings.send_stream
-    if stream is not None:
-        await stream.send(Published(event))
-    else:
+    if stream is None:
         await emit(event)
+        return
+    item = Published(event)
+    await stream.send(item)
+    await item.delivered.wait()
 
 
 def status(message: str) -> dict[str, Any]:
@@ -143,6 +151,7 @@ async def stream_program(program: Program, inputs: dict[str, Any], lm: Any,
                 await emit(status(item.message))
             elif isinstance(item, Published):
                 await emit(item.event)
+                item.delivered.set()
             else:
                 for listener in routes.get(getattr(item, "predict_id", None), ()):
                     await forward(listener.receive(item))
@@ -155,3 +164,53 @@ async def stream_program(program: Program, inputs: dict[str, Any], lm: Any,
         if field not in streamed and prediction.get(field) is not None:
             await emit(token(field, field_text(prediction[field]), listener.predict_name))
     return prediction
+
+
+class Relay:
+    """A request context whose chunks pass through ``transform`` first.
+
+    A pipeline step's chunks carry its path, and an OpenAI-format stream reshapes
+    its tokens, while ``run``, ReAct and ``stream_program`` stay unchanged:
+    everything but ``emit`` is the request's own context.
+    """
+
+    __slots__ = ("_ctx", "_transform")
+
+    def __init__(self, ctx: Any, transform: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        self._ctx = ctx
+        self._transform = transform
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    async def emit(self, data: Any) -> None:
+        await self._ctx.emit(self._transform(data))
+
+
+FORMATS = ("dspy", "openai")
+
+
+class OpenAIChunks:
+    """Token chunks as OpenAI ``chat.completion.chunk`` objects, for hosts that forward a stream
+    to an OpenAI-style client.  Other chunks (status, ReAct steps) pass through unchanged."""
+
+    def __init__(self, request_id: Any, model: str) -> None:
+        self.id = f"chatcmpl-{request_id}"
+        self.model = model
+        self.created = int(time.time())
+        self.started = False
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+    def __call__(self, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("event") != "token":
+            return event
+        delta = {"content": event["text"]} if self.started else {"role": "assistant", "content": event["text"]}
+        self.started = True
+        return {**self.chunk(delta), "field": event["field"]}
+
+    def finish(self) -> dict[str, Any]:
+        """The last chunk: an empty delta with ``finish_reason: "stop"``."""
+        return self.chunk({}, "stop")

@@ -155,7 +155,7 @@ def test_bad_lm_options_are_rejected(w, session, options):
     err = error_of(w, "lm.configure", options, session_id=session)
     assert err.type == "bad_request"
     if options["model"].startswith("replay/"):
-        assert "not available yet" in err.message
+        assert "cannot replay LM calls from some.jsonl" in err.message  # no such transcript
 
 
 # ---- stream ------------------------------------------------------------------------------

@@ -170,9 +170,20 @@ async def predict(args: dict, ctx: Context) -> dict[str, Any]:
 
 @handler("dspy.stream", needs_dspy=True)
 async def stream(args: dict, ctx: Context) -> dict[str, Any]:
+    """``format: "openai"`` sends the tokens as OpenAI ``chat.completion.chunk`` objects, then a stop chunk."""
+    from ..streaming import FORMATS, OpenAIChunks, Relay
+
+    chunk_format = args.get("format", "dspy")
+    if chunk_format not in FORMATS:
+        raise PeerError(ErrorType.BAD_REQUEST, f"'format' must be one of {list(FORMATS)}")
     with bad_request():
         program = build_program(args)
-    return await run(program, args.get("inputs"), ctx, stream=True, fields=args.get("fields"))
+    if chunk_format == "dspy":
+        return await run(program, args.get("inputs"), ctx, stream=True, fields=args.get("fields"))
+    openai = OpenAIChunks(ctx.id, session_lm(ctx).model)
+    result = await run(program, args.get("inputs"), Relay(ctx, openai), stream=True, fields=args.get("fields"))
+    await ctx.emit(openai.finish())
+    return result
 
 
 @handler("dspy.batch", needs_dspy=True)
