@@ -10,8 +10,7 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 
 class Kind(enum.Enum):
@@ -22,8 +21,7 @@ class Kind(enum.Enum):
     INLINE = "inline"          # light sync function run directly by the reader
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     name: str
     fn: Callable[..., Any]
     kind: Kind

@@ -29,7 +29,7 @@ def warm_up() -> None:
     """Import DSPy and the streaming code after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
-    from .. import react, scripted, streaming  # noqa: F401
+    from .. import calls, optimize, pipelines, react, scripted, streaming  # noqa: F401
 
 
 # ---- errors ------------------------------------------------------------------------

@@ -6,17 +6,21 @@ with it when it closes or expires.  See ``docs/pipelines.md``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..context import Context
-from ..pipelines import PipelineError, Step, build_pipeline, run_pipeline
 from ..protocol import ErrorType, PeerError
 from ..registry import handler
+
+if TYPE_CHECKING:  # the pipeline modules load after ``ready``, with the DSPy warm-up
+    from ..pipelines import Step
 
 STORE = "pipelines"  # the key of a session's stored pipelines in ``Session.data``
 
 
-def checked(spec: Any) -> tuple[Step, ...]:
+def checked(spec: Any) -> tuple["Step", ...]:
+    from ..pipelines import PipelineError, build_pipeline
+
     try:
         return build_pipeline(spec)
     except PipelineError as exc:
@@ -44,4 +48,6 @@ async def pipeline_run(args: dict, ctx: Context) -> dict[str, Any]:
             raise PeerError("unknown_pipeline", f"session {ctx.session.id!r} has no pipeline {args['name']!r}")
     else:
         steps = checked(args["steps"])
+    from ..pipelines import run_pipeline
+
     return await run_pipeline(steps, args.get("inputs"), ctx, bool(args.get("stream")))
