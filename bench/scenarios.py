@@ -11,14 +11,14 @@ from bridge import framing
 from .harness import Peer, median
 
 
-def _is_terminal(body: bytes) -> bool:
+def _is_terminal(body: bytes, rid: str) -> bool:
     frame = msgpack.unpackb(body, raw=False)
-    return frame.get("type") in ("result", "error")
+    return frame.get("id") == rid and frame.get("type") in ("result", "error")
 
 
 def echo_sequential_us(peer: Peer, n: int = 3000) -> float:
     """Median round-trip latency, one request in flight (µs)."""
-    request = peer.request(1, "echo", {"x": 1})
+    request = peer.request("seq", "echo", {"x": 1})
     latencies = []
     for _ in range(n):
         started = time.perf_counter()
@@ -30,16 +30,17 @@ def echo_sequential_us(peer: Peer, n: int = 3000) -> float:
 
 def echo_pipelined_per_s(peer: Peer, n: int = 60000, depth: int = 100) -> float:
     """Round trips per second with ``depth`` requests always in flight."""
-    requests = [peer.request(i, "echo", {"x": i}) for i in range(n + depth)]
+    requests = [peer.request(i, "echo", {"x": i}) for i in range(n)]
     started = time.perf_counter()
     peer.write(b"".join(requests[:depth]))
-    sent, done = depth, 0
-    while done < n:
+    sent, done = min(depth, n), 0
+    while done < n:  # exactly n requests, so no reply is left behind for the next scenario
         got = len(peer.bodies())
         done += got
-        if sent < n:
-            peer.write(b"".join(requests[sent:sent + got]))
-            sent += got
+        more = min(got, n - sent)
+        if more:
+            peer.write(b"".join(requests[sent:sent + more]))
+            sent += more
     return n / (time.perf_counter() - started)
 
 
@@ -47,18 +48,18 @@ def stream_per_s(peer: Peer, n: int = 200_000, size: int | None = None) -> float
     """Chunks per second of one ``stream_count`` (int chunks, or ``size``-byte chunks)."""
     args = {"n": n} if size is None else {"n": n, "size": size}
     started = time.perf_counter()
-    peer.write(peer.request(1, "stream_count", args))
+    peer.write(peer.request("stream", "stream_count", args))
     count = 0
     while True:
         bodies = peer.bodies()
         count += len(bodies)
-        if count >= n + 1 and _is_terminal(bodies[-1]):
+        if count >= n + 1 and _is_terminal(bodies[-1], "stream"):
             return n / (time.perf_counter() - started)
 
 
 def first_chunk_us(peer: Peer, reps: int = 1000) -> float:
     """Median time from writing a stream request to reading its first chunk (µs)."""
-    request = peer.request(1, "stream_count", {"n": 1})
+    request = peer.request("first", "stream_count", {"n": 1})
     samples = []
     for _ in range(reps):
         started = time.perf_counter()
@@ -74,7 +75,7 @@ def tool_per_s(peer: Peer, n: int = 20000, concurrency: int = 1) -> float:
     """Host tool round trips per second through ``rpc_loop`` with the host answering."""
     pack = msgpack.Packer(use_bin_type=True).pack
     started = time.perf_counter()
-    peer.write(peer.request(1, "rpc_loop", {"n": n, "concurrency": concurrency}))
+    peer.write(peer.request("rpc", "rpc_loop", {"n": n, "concurrency": concurrency}))
     while True:
         replies = []
         for body in peer.bodies():
@@ -83,7 +84,7 @@ def tool_per_s(peer: Peer, n: int = 20000, concurrency: int = 1) -> float:
                 reply = pack({"type": "rpc_response", "rpc_id": frame["rpc_id"], "ok": True,
                               "result": frame["args"][0]})
                 replies.append(framing.HEADER.pack(len(reply)) + reply)
-            elif frame["type"] in ("result", "error"):
+            elif frame.get("id") == "rpc" and frame["type"] in ("result", "error"):
                 assert frame["type"] == "result", frame
                 return n / (time.perf_counter() - started)
         if replies:

@@ -85,38 +85,35 @@ class PeerError(Exception):
 
 
 def _is_id(value: Any) -> bool:
-    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+    kind = type(value)  # exact types first: this runs for every request
+    return kind is int or kind is str or (isinstance(value, (int, str)) and not isinstance(value, bool))
 
 
-def _opt_int(body: dict, key: str, minimum: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise PeerError(ErrorType.BAD_REQUEST, f"'{key}' must be an integer >= {minimum}")
-    return value
+def _bad_int(value: Any, minimum: int) -> bool:
+    return value is not None and (type(value) is not int or value < minimum)
 
 
 def _parse_request(body: dict) -> Request | Rejected:
+    """Check a request's fields; on the hot path, so the common case is a few dict lookups."""
     rid = body.get("id")
     if not _is_id(rid):
         return Rejected(error(None, ErrorType.BAD_REQUEST, "request 'id' must be an int or a str"))
     command = body.get("command")
-    if not isinstance(command, str):
+    if type(command) is not str:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'command' must be a str"))
     args = body.get("args")
     if args is None:
         args = {}
-    elif not isinstance(args, dict):
+    elif type(args) is not dict:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'args' must be a map"))
     session_id = body.get("session_id")
-    if session_id is not None and not isinstance(session_id, str):
+    if session_id is not None and type(session_id) is not str:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'session_id' must be a str"))
-    try:
-        timeout_ms = _opt_int(body, "timeout_ms", 0)
-        window = _opt_int(body, "window", 1)
-    except PeerError as exc:
-        return Rejected(error(rid, exc.type, exc.message))
+    timeout_ms, window = body.get("timeout_ms"), body.get("window")
+    if _bad_int(timeout_ms, 0):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "'timeout_ms' must be an integer >= 0"))
+    if _bad_int(window, 1):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "'window' must be an integer >= 1"))
     return Request(rid, command, args, session_id, timeout_ms, window, body.get("telemetry") is True)
 
 

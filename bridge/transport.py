@@ -85,12 +85,11 @@ class FrameWriter:
         self._buf += data
         self.frames_out += 1
         self.bytes_out += len(data)
-        if not self._corked:
-            if len(self._buf) >= EAGER_BYTES:
-                self._write_now()
-            if self._buf and not self._scheduled:
-                self._scheduled = True
-                self._wake.set()
+        if len(self._buf) >= EAGER_BYTES:
+            self._write_now()
+        if not self._corked and self._buf and not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
         return len(data)
 
     def _write_now(self) -> None:
