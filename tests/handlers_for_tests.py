@@ -87,7 +87,8 @@ async def emit(args: dict, ctx) -> dict:
 
 @handler("test.cooperative")
 def cooperative(args: dict, ctx) -> dict:
-    """Polls ``ctx.cancelled``; records in ``marker`` that it noticed."""
+    """Says it started, then polls ``ctx.cancelled``; records in ``marker`` that it noticed."""
+    ctx.emit_blocking("started")
     deadline = time.monotonic() + args.get("seconds", 5)
     while time.monotonic() < deadline:
         if ctx.cancelled:

@@ -141,10 +141,15 @@ def test_timeout_of_a_blocked_thread_is_written_within_100ms(worker):
     assert_well_formed(call)
 
 
-def test_cooperative_handlers_see_ctx_cancelled(worker, tmp_path):
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_cooperative_handlers_see_ctx_cancelled(worker, tmp_path, how):
     marker = tmp_path / "noticed"
-    call = worker.request("test.cooperative", {"marker": str(marker)}, timeout_ms=100)
-    with pytest.raises(RemoteError, match="timeout"):
+    fields = {"timeout_ms": 1000} if how == "timeout" else {}
+    call = worker.request("test.cooperative", {"marker": str(marker)}, **fields)
+    assert next(call.chunks()) == "started"  # the thread runs: a loaded machine cannot skip it
+    if how == "cancel":
+        call.cancel()
+    with pytest.raises(RemoteError, match="cancelled" if how == "cancel" else "timeout"):
         call.result()
     wait_for_text(marker, "noticed")
 
