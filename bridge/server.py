@@ -275,8 +275,6 @@ class Server:
                 if entry.needs_dspy and not self.warm.is_set():
                     await self.warm.wait()
                 frame = protocol.result(req.id, await self._invoke(entry, req.args, ctx))
-            if frame is None:
-                frame = self._cancelled_frame(req, state.reason)
         except Exception as exc:
             frame = self._failure(req.id, exc)
         finally:
@@ -285,6 +283,10 @@ class Server:
             if not self.inflight:
                 self._idle.set()
                 self._idle = anyio.Event()
+        if frame is None or anyio.current_time() >= state.scope.deadline:
+            # Cancelled, or finished past its deadline: a cooperative handler that saw
+            # ``ctx.cancelled`` may return before the loop's timer fires; that is a timeout.
+            frame = self._cancelled_frame(req, state.reason)
         self._send_terminal(req.id, frame)
 
     async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:

@@ -345,22 +345,29 @@ def test_port_close_exits_within_200ms_while_a_thread_is_blocked():
     assert time.perf_counter() - started < 0.2
 
 
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of ``pid``, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], fields[19]
+
+
 def test_no_child_process_outlives_the_worker(worker):
     child = worker.call("test.spawn_child")["child_pid"]
-    os.kill(child, 0)  # alive
+    state = _process_state(child)
+    assert state is not None and state[0] != "Z", "the child should be running"
     worker.close_input()
-    assert worker.wait(5) == 0
+    assert worker.wait(10) == 0
     deadline = time.time() + 5  # the kill is at once; reaping by init can lag on a loaded machine
     while time.time() < deadline:
-        try:
-            with open(f"/proc/{child}/stat") as f:
-                if f.read().split()[2] == "Z":
-                    break
-        except FileNotFoundError:
-            break
+        now = _process_state(child)
+        if now is None or now[0] == "Z" or now[1] != state[1]:  # gone, dead, or its pid reused
+            return
         time.sleep(0.01)
-    else:
-        pytest.fail(f"child {child} outlived the worker")
+    pytest.fail(f"child {child} outlived the worker: {now}")
 
 
 def test_the_shell_pipe_example_from_the_readme():
