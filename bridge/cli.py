@@ -184,7 +184,7 @@ def cmd_encode(opts: argparse.Namespace) -> int:
 
 @_subcommand
 def cmd_decode(opts: argparse.Namespace) -> int:
-    from . import framing, jsontags
+    from . import framing
 
     decoder, status = framing.Decoder(max_frame_bytes=2**32 - 1), 0
     stdin = sys.stdin.buffer

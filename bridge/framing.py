@@ -128,8 +128,3 @@ class Decoder:
         raw = bytes(self._buf) if self.keep_raw else None
         self._buf.clear()
         return [Truncated(have, want, raw)]
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held for an incomplete frame."""
-        return len(self._buf)

@@ -74,7 +74,6 @@ class ToolBridge:
 
     def __init__(self, writer: "FrameWriter", default_timeout_ms: int) -> None:
         self.default_timeout_ms = default_timeout_ms
-        self.calls = 0
         self._writer = writer
         self._ids = itertools.count(1)
         self._slots: dict[int, Slot] = {}
@@ -108,7 +107,6 @@ class ToolBridge:
             self._wake.set()  # a new earliest deadline may exist: the timer re-plans
         queue[rpc_id] = slot
         ctx.parked.add(slot)
-        self.calls += 1
         try:
             self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
             await slot.future

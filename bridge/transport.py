@@ -55,10 +55,6 @@ async def read_some(fd: int) -> tuple[bytes, bool]:
             waited = True
 
 
-class PeerGone(Exception):
-    """The host closed our output: nothing more can be delivered."""
-
-
 class FrameWriter:
     """Bounded, coalescing frame writer owned by one writer task (``run``)."""
 
@@ -118,10 +114,6 @@ class FrameWriter:
     @property
     def congested(self) -> bool:
         return len(self._buf) > self.high_water
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
 
     async def wait_drained(self) -> None:
         """Wait until the buffer is back under the high-water mark."""
