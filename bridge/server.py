@@ -126,14 +126,14 @@ class Server:
             finally:
                 writer.uncork()
             if not data:
-                await self._on_eof()
+                self._on_eof()
                 return
             if writer.congested:
                 await writer.wait_drained()
             elif not waited:
                 await anyio.lowlevel.checkpoint()  # input keeps coming: let handlers run too
 
-    async def _on_eof(self) -> None:
+    def _on_eof(self) -> None:
         """EOF on input: a closed port exits at once; a finished shell pipe drains first."""
         if self.recorder is not None:
             self.recorder.eof()
@@ -143,7 +143,7 @@ class Server:
             self._tg.cancel_scope.cancel()
             return
         log.info("EOF on input: finishing %d request(s) in flight", len(self.inflight))
-        self._tg.start_soon(self._drain)
+        self.begin_shutdown()
 
     def begin_shutdown(self) -> None:
         if not self.shutting_down:
@@ -152,7 +152,6 @@ class Server:
 
     async def _drain(self) -> None:
         """Let in-flight requests finish (bounded by ``drain_timeout``), then stop."""
-        self.shutting_down = True
         with anyio.move_on_after(self.config.drain_timeout):
             while self.inflight:
                 await self._idle.wait()
