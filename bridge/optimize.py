@@ -21,7 +21,7 @@ import importlib.util
 import inspect
 import threading
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import anyio
 import dspy
@@ -33,7 +33,7 @@ from .handlers.dspy import reported, run
 from .programs import Program, field_text, outputs
 from .protocol import ErrorType, PeerError
 from .streaming import Relay
-from .tasks import together
+from .tasks import each
 
 OPTIMIZERS = ("BootstrapFewShot", "BootstrapFewShotWithRandomSearch", "MIPROv2")
 RESERVED = {"self", "metric", "student", "teacher", "trainset", "valset", "prompt_model", "task_model"}
@@ -121,17 +121,6 @@ def check_items(program: Program, items: Any, where: str, metric: Metric) -> lis
 
 
 # ---- evaluation on the loop --------------------------------------------------------------------
-
-async def each(count: int, lanes: int, work: Callable[[int], Awaitable[None]]) -> None:
-    """``work(i)`` for every index below ``count``, at most ``lanes`` at a time; the first failure ends all."""
-    pending = iter(range(count))
-
-    async def lane() -> None:
-        for index in pending:
-            await work(index)
-
-    await together([lane] * min(lanes, count))
-
 
 async def evaluate(program: Program, items: list[Item], metric: Metric, ctx: Context, lanes: int,
                    report: bool) -> float:

@@ -28,7 +28,6 @@ class ErrorType:
     TIMEOUT = "timeout"
     HANDLER_ERROR = "handler_error"
     TOOL_ERROR = "tool_error"
-    INTERNAL_ERROR = "internal_error"
 
 
 class Request(NamedTuple):
@@ -82,6 +81,14 @@ class PeerError(Exception):
         self.type = type
         self.message = message
         self.details = details
+
+
+def int_arg(args: dict, name: str, default: int | None = None, minimum: int = 0) -> int:
+    """A handler's integer argument, checked: anything else is the host's ``bad_request``."""
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PeerError(ErrorType.BAD_REQUEST, f"'{name}' must be an integer >= {minimum}")
+    return value
 
 
 def _is_id(value: Any) -> bool:
@@ -188,7 +195,3 @@ def rpc_request(rpc_id: int, rid: RequestId, tool: str, args: list, kwargs: dict
 
 def rpc_cancel(rpc_id: int) -> dict:
     return {"type": "rpc_cancel", "rpc_id": rpc_id}
-
-
-def is_terminal(frame: dict) -> bool:
-    return frame.get("type") in ("result", "error")

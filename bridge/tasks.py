@@ -1,4 +1,4 @@
-"""Concurrent jobs whose first failure is raised as itself.
+"""Concurrent jobs whose first failure is raised as itself, and bounded lanes over indices.
 
 An anyio task group raises an ``ExceptionGroup``, which would reach the host as
 a ``handler_error``; a failing pipeline lane or evaluation must instead end the
@@ -28,3 +28,14 @@ async def together(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
             tg.start_soon(guarded, job)
     if failures:
         raise failures[0]
+
+
+async def each(count: int, lanes: int, work: Callable[[int], Awaitable[None]]) -> None:
+    """``work(i)`` for every index below ``count``, at most ``lanes`` at a time; the first failure ends all."""
+    pending = iter(range(count))
+
+    async def lane() -> None:
+        for index in pending:
+            await work(index)
+
+    await together([lane] * min(lanes, count))

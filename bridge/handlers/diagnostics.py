@@ -8,23 +8,16 @@ from typing import Any, AsyncIterator
 import anyio
 
 from ..context import Context
-from ..protocol import ErrorType, PeerError
+from ..protocol import ErrorType, PeerError, int_arg
 from ..registry import handler
-
-
-def _int_arg(args: dict, name: str, default: int | None = None, minimum: int = 0) -> int:
-    value = args.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise PeerError(ErrorType.BAD_REQUEST, f"'{name}' must be an integer >= {minimum}")
-    return value
 
 
 @handler("stream_count")
 async def stream_count(args: dict, ctx: Context) -> AsyncIterator[Any]:
     """Stream ``n`` chunks: the seq int, or ``size`` bytes when given."""
-    n = _int_arg(args, "n")
+    n = int_arg(args, "n")
     if "size" in args:
-        payload = bytes(_int_arg(args, "size"))
+        payload = bytes(int_arg(args, "size"))
         for _ in range(n):
             yield payload
     else:
@@ -45,8 +38,8 @@ def sleep(args: dict, ctx: Context) -> dict:
 @handler("rpc_loop")
 async def rpc_loop(args: dict, ctx: Context) -> dict:
     """Make ``n`` host calls of ``tool`` with ``args: [i]``, at most ``concurrency`` parked at once."""
-    n = _int_arg(args, "n")
-    concurrency = _int_arg(args, "concurrency", 1, minimum=1)
+    n = int_arg(args, "n")
+    concurrency = int_arg(args, "concurrency", 1, minimum=1)
     tool = args.get("tool", "echo")
     counter = iter(range(n))
     started = time.perf_counter()

@@ -18,15 +18,16 @@ import anyio
 from ..context import Context
 from ..lm import build_lm
 from ..programs import Program, build_program, load_program, outputs
-from ..protocol import ErrorType, PeerError
+from ..protocol import ErrorType, PeerError, int_arg
 from ..registry import REGISTRY, handler
+from ..tasks import each
 
 DEFAULT_CONCURRENCY = 8
 
 
 @REGISTRY.warmup
 def warm_up() -> None:
-    """Import DSPy and the streaming code after ``ready`` (about 1 s), off the event loop."""
+    """Import DSPy and every module that needs it after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
     from .. import calls, optimize, pipelines, react, scripted, streaming  # noqa: F401
@@ -138,10 +139,7 @@ async def react_steps(ctx: Context, program: Program) -> AsyncIterator[None]:
 
 
 def concurrency(args: dict[str, Any]) -> int:
-    value = args.get("concurrency", DEFAULT_CONCURRENCY)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise PeerError(ErrorType.BAD_REQUEST, "'concurrency' must be an integer >= 1")
-    return value
+    return int_arg(args, "concurrency", DEFAULT_CONCURRENCY, minimum=1)
 
 
 # ---- language models ----------------------------------------------------------------
@@ -195,24 +193,20 @@ async def batch(args: dict, ctx: Context) -> dict[str, int]:
         if not isinstance(items, list):
             raise ValueError("'items' must be a list of input maps")
         items = [program.check_inputs(item, f"items[{i}]") for i, item in enumerate(items)]
-    lanes, lm = concurrency(args), session_lm(ctx)
-    total, pending = len(items), iter(enumerate(items))
+    lm, total = session_lm(ctx), len(items)
     counts = {"done": 0, "failed": 0}
 
-    async def lane() -> None:
-        for index, inputs in pending:
-            try:
-                chunk = {"event": "item", "index": index, "outputs": outputs(await in_thread(ctx, program, inputs, lm))}
-            except Exception as exc:
-                counts["failed"] += 1
-                error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)
-                chunk = {"event": "item_error", "index": index, "error": {"type": error.type, "message": error.message}}
-            counts["done"] += 1
-            await ctx.emit({**chunk, "progress": {"done": counts["done"], "total": total}})
+    async def one(index: int) -> None:
+        try:
+            chunk = {"event": "item", "index": index, "outputs": outputs(await in_thread(ctx, program, items[index], lm))}
+        except Exception as exc:
+            counts["failed"] += 1
+            error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)
+            chunk = {"event": "item_error", "index": index, "error": {"type": error.type, "message": error.message}}
+        counts["done"] += 1
+        await ctx.emit({**chunk, "progress": {"done": counts["done"], "total": total}})
 
-    async with anyio.create_task_group() as tg:
-        for _ in range(min(lanes, total)):
-            tg.start_soon(lane)
+    await each(total, concurrency(args), one)
     return {"total": total, "succeeded": total - counts["failed"], "failed": counts["failed"]}
 
 

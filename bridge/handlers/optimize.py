@@ -10,13 +10,8 @@ from typing import Any
 
 from ..context import Context
 from ..programs import Program, build_program
-from ..registry import REGISTRY, handler
+from ..registry import handler
 from .dspy import bad_request, concurrency, new_ref, session_lm, stored
-
-
-@REGISTRY.warmup
-def warm_up() -> None:
-    from .. import optimize  # noqa: F401
 
 
 def program_arg(ctx: Context, spec: Any) -> Program:
