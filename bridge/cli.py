@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 import sys
 from typing import Any, Callable
 
@@ -47,6 +48,12 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="requests running at once; more are refused with 'overloaded'")
     p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
                    help="module prefix the 'call' command may reach (repeatable; default: dspy)")
+    p.add_argument("--no-meta", dest="meta", action="store_false",
+                   help="leave 'meta' off terminal frames (the benchmark's baseline for its cost)")
+    p.add_argument("--telemetry", action="store_true",
+                   help="send telemetry frames for every request, not only those with telemetry: true")
+    p.add_argument("--slow-chunk-ms", type=float, default=100.0, metavar="MS",
+                   help="a gap between two chunks longer than this is a slow_chunk telemetry event")
     p.add_argument("--record", metavar="PATH", help="write a transcript: every frame and LM call (JSON Lines)")
     p.add_argument("--record-append", action="store_true",
                    help="append to PATH as a new segment (a restarted worker) instead of replacing it")
@@ -107,7 +114,11 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
                            max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
                            tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                           max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"])))
+                           max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"]),
+                           meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms))
+    from . import lm_metrics
+
+    REGISTRY.warmup(partial(lm_metrics.install, server))
     try:
         _record_and_replay(opts, server, REGISTRY)
     except (OSError, ValueError) as exc:
@@ -132,8 +143,6 @@ def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> 
     """``--record``: a recorder for every frame, and the LM hook once DSPy is imported.
     ``--replay-lm``: every LM answered from a transcript."""
     if opts.record:
-        from functools import partial
-
         from . import lm_recording, transcript
 
         server.recorder = transcript.Recorder.open(opts.record, vars(opts), append=opts.record_append)

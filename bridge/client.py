@@ -65,7 +65,7 @@ class Call:
                     raise AssertionError(f"request {self.id!r}: seq {frame['seq']}, expected {self._seq}")
                 self._seq += 1
                 yield frame["data"]
-            else:
+            elif frame["type"] != "telemetry":  # telemetry frames stay in ``frames`` only
                 self.terminal = frame
 
     __iter__ = chunks

@@ -16,6 +16,8 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from . import protocol
+from .metrics import LmUsage
+from .telemetry import Telemetry
 from .tools import CLOSED
 
 if TYPE_CHECKING:
@@ -35,7 +37,8 @@ class Context:
     """What a handler knows about its request.  Cheap to create: slots only."""
 
     __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "server",
-                 "parked", "_token", "_credit", "_credit_event", "_since_yield")
+                 "parked", "_token", "_credit", "_credit_event", "_since_yield",
+                 "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry")
 
     def __init__(self, server: "Server", req: protocol.Request, token: Any = None) -> None:
         self.id = req.id
@@ -50,6 +53,19 @@ class Context:
         self._credit_event: anyio.Event | None = None
         self._since_yield = YIELD_EVERY
         self.parked: set[Slot] = set()  # this request's host calls waiting for an answer
+
+    def meter(self, arrived: float, telemetry: bool) -> "Context":
+        """Account this request for its own ``meta`` (perf_counter seconds, see
+        ``metrics.request_meta``), and send its telemetry events when asked.  Every request
+        run as a task is metered; inline ones share their group's ``meta`` instead."""
+        self.arrived = self.started = arrived  # arrival: the read that carried the request
+        self.first_chunk: float | None = None
+        self.chunk_bytes = 0
+        self.tool_calls = 0
+        self.tool_s = 0.0
+        self.lm: LmUsage | None = None  # created by the first LM call (lm_metrics)
+        self.telemetry = Telemetry(self, self.server.config.slow_chunk_ms) if telemetry else None
+        return self
 
     # ---- state -----------------------------------------------------------------
 
@@ -81,7 +97,13 @@ class Context:
                     raise RequestClosed(f"request {self.id!r} is finished")
             self._credit -= 1
         writer = self.server.writer
-        writer.send(protocol.chunk(self.id, self.seq, data))
+        self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
+        if self.seq == 0 or self.telemetry is not None:
+            now = time.perf_counter()
+            if self.seq == 0:
+                self.first_chunk = now
+            if self.telemetry is not None:
+                self.telemetry.chunk(now, self.seq)
         self.seq += 1
         if writer.congested:
             await writer.wait_drained()
@@ -121,6 +143,11 @@ class Context:
             raise RequestClosed(f"request {self.id!r} is finished")
         return anyio.from_thread.run(self.server.tools.call, self, name, list(args), kwargs, timeout_ms,
                                      token=self._token)
+
+    def tool_done(self, seconds: float) -> None:
+        """A host call of this request ended after ``seconds`` parked (for ``meta``)."""
+        self.tool_calls += 1
+        self.tool_s += seconds
 
     # ---- lifecycle (server side) -------------------------------------------------
 

@@ -51,10 +51,38 @@ class Truncated(NamedTuple):
 Event = Frame | BadFrame | FrameTooLarge | Truncated
 
 
-def encode(obj: Any) -> bytes:
-    """One frame: length header plus msgpack body (``use_bin_type`` keeps bytes as bytes)."""
+_FIXMAP = [bytes((i,)) for i in range(256)]
+
+
+def encode(obj: Any, extra: bytes = b"") -> bytes:
+    """One frame: length header plus msgpack body (``use_bin_type`` keeps bytes as bytes).
+
+    ``extra`` is one more key and value of the map, already packed (a terminal frame's
+    ``meta``); ``obj`` must then have fewer than 15 keys (a msgpack fixmap).
+    """
     body = _packer.pack(obj)
+    if extra:
+        return b"".join((HEADER.pack(len(body) + len(extra)), _FIXMAP[body[0] + 1], memoryview(body)[1:], extra))
     return HEADER.pack(len(body)) + body
+
+
+def result_prefix(meta: bytes | None) -> bytes:
+    """The constant start of a ``result`` frame's body, up to its ``id`` value: the type and,
+    when given, ``meta`` (already msgpack).  Built once per group of replies."""
+    if meta is None:
+        return b"\x83" + _RESULT_TYPE + _ID_KEY
+    return b"\x84" + _RESULT_TYPE + META_KEY + meta + _ID_KEY
+
+
+def encode_result(prefix: bytes, rid: Any, data: Any) -> bytes:
+    """A ``result`` frame from ``result_prefix``: the replies' hot path.  Packing only the id
+    and the data is cheaper than packing the whole map, constant keys included."""
+    body = prefix + _packer.pack(rid) + _DATA_KEY + _packer.pack(data)
+    return HEADER.pack(len(body)) + body
+
+
+_RESULT_TYPE = msgpack.packb("type") + msgpack.packb("result")
+META_KEY, _ID_KEY, _DATA_KEY = msgpack.packb("meta"), msgpack.packb("id"), msgpack.packb("data")
 
 
 def unpack_body(body: bytes | memoryview) -> Frame | BadFrame:

@@ -8,10 +8,12 @@ the reader never blocks on a handler.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 import signal
+import threading
 import time
 import traceback
 from contextlib import aclosing
@@ -20,9 +22,11 @@ from typing import Any, NamedTuple
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgpack
 
-from . import __version__, framing, protocol
+from . import __version__, framing, lm_metrics, protocol
 from .context import Context, RequestClosed
+from .metrics import WorkerMetrics, idle_meta, request_meta
 from .protocol import ErrorType, PeerError
 from .registry import REGISTRY, Entry, Kind, Registry
 from .sessions import SessionStore
@@ -31,7 +35,8 @@ from .transport import FrameWriter, peer_closed, prepare_fd, read_some
 
 log = logging.getLogger("bridge.server")
 
-CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions"]
+CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions", "meta", "telemetry"]
+REPLY_GROUP = 16  # inline replies that share one clock read, one ``meta`` and one write
 
 
 class Config(NamedTuple):
@@ -44,6 +49,9 @@ class Config(NamedTuple):
     max_objects: int = 10_000
     max_inflight: int = 10_000
     allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
+    meta: bool = True  # ``meta`` on terminal frames (``--no-meta`` is the benchmark's baseline)
+    telemetry: bool = False  # telemetry frames for every request, not only those asking
+    slow_chunk_ms: float = 100.0  # a gap between chunks above this is a slow_chunk event
 
 
 class Inflight:
@@ -71,6 +79,13 @@ class Server:
         self.sessions = SessionStore(config.max_objects)
         self.frames_in = 0
         self.bytes_in = 0
+        self.arrived = time.perf_counter()  # when the read batch being handled arrived
+        self._replies: list[tuple[str, Any, Any]] = []  # inline replies not yet written: (command, id, data)
+        self._group_started = self.arrived  # when the reader began on the group of ``_replies``
+        self.metrics = WorkerMetrics()
+        self.telemetry_all = config.telemetry  # read per request: a plain attribute is cheapest
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
+        self.loop_thread = 0
         self.shutting_down = False
         self.writer: FrameWriter = None  # type: ignore[assignment]  # set in serve()
         self.tools: ToolBridge = None  # type: ignore[assignment]
@@ -93,6 +108,7 @@ class Server:
             self.writer.tap = self.recorder.frame_out
         self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
         self._token = anyio.lowlevel.current_token()
+        self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self.writer.run)
@@ -114,6 +130,7 @@ class Server:
                 data, waited = await read_some(fd)
             except OSError:
                 data, waited = b"", True
+            self.arrived = self._group_started = time.perf_counter()
             writer.cork()
             try:
                 if not data:
@@ -124,6 +141,7 @@ class Server:
                     for event in decoder.feed(data):
                         self._on_decoded(event)
             finally:
+                self.flush_replies()
                 writer.uncork()
             if not data:
                 self._on_eof()
@@ -230,16 +248,19 @@ class Server:
 
     def _on_request(self, req: protocol.Request) -> None:
         if self.shutting_down:
+            self.metrics.reject(ErrorType.SHUTTING_DOWN)
             self.writer.send(protocol.error(req.id, ErrorType.SHUTTING_DOWN,
                                             "the worker is shutting down and accepts no new requests"))
             return
         entry = self.registry.get(req.command)
         if entry is None:
+            self.metrics.reject(ErrorType.UNKNOWN_COMMAND)
             self.writer.send(protocol.error(req.id, ErrorType.UNKNOWN_COMMAND,
                                             f"unknown command {req.command!r}",
                                             {"command": req.command, "available": self.registry.names()}))
             return
         if req.id in self.inflight:
+            self.metrics.reject(ErrorType.DUPLICATE_ID)
             self.writer.send(protocol.error(None, ErrorType.DUPLICATE_ID,
                                             f"request id {req.id!r} is already in flight", {"id": req.id}))
             return
@@ -247,32 +268,87 @@ class Server:
             self._run_inline(entry, req)
             return
         if len(self.inflight) >= self.config.max_inflight:
+            self.metrics.reject(ErrorType.OVERLOADED)
             self.writer.send(protocol.error(req.id, ErrorType.OVERLOADED,
                                             f"{len(self.inflight)} requests are in flight (--max-inflight)",
                                             {"limit": self.config.max_inflight}))
             return
         deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
-        state = self.inflight[req.id] = Inflight(Context(self, req, self._token), deadline)
+        ctx = Context(self, req, self._token).meter(self.arrived, req.telemetry or self.telemetry_all)
+        state = self.inflight[req.id] = Inflight(ctx, deadline)
         self._tg.start_soon(self._run, entry, req, state)
 
     def _run_inline(self, entry: Entry, req: protocol.Request) -> None:
+        """Run an inline handler now; its reply joins the group written by ``flush_replies``.
+        A request with telemetry, or a failing one, is answered at once with its own ``meta``."""
         ctx = Context(self, req, self._token)
+        observed = req.telemetry or self.telemetry_all
+        if observed:
+            _begin(ctx.meter(self.arrived, True))
         try:
-            frame = protocol.result(req.id, entry.fn(req.args, ctx))
+            value = entry.fn(req.args, ctx)
         except Exception as exc:
             frame = self._failure(req.id, exc)
+        else:
+            if not observed:
+                ctx.closed = True
+                replies = self._replies
+                replies.append((entry.name, req.id, value))
+                if len(replies) >= REPLY_GROUP:
+                    self.flush_replies()
+                return
+            frame = protocol.result(req.id, value)
         ctx.closed = True
-        self._send_terminal(req.id, frame)
+        if not observed:
+            ctx.meter(self.arrived, False).started = self._group_started
+        self._send_terminal(ctx, frame)
+
+    def flush_replies(self) -> None:
+        """Write the group of inline replies in one go (``stats`` calls it first, so it counts
+        every request answered before it).  They share one ``meta``: arrival (the
+        read) to now, queued until the group started; and one histogram update per command."""
+        if not self._replies:
+            return
+        now = time.perf_counter()
+        arrived, started, replies = self.arrived, self._group_started, self._replies
+        self._replies, self._group_started = [], now
+        ms = (now - arrived) * 1000
+        meta = idle_meta(ms, (started - arrived) * 1000) if self.config.meta else None
+        prefix = framing.result_prefix(meta)
+        encoded, run_command, run = [], "", 0
+        for command, rid, value in replies:
+            try:
+                encoded.append(framing.encode_result(prefix, rid, value))
+            except (TypeError, ValueError, OverflowError) as exc:
+                encoded.append(framing.encode(_unsendable(rid, exc), b"" if meta is None else framing.META_KEY + meta))
+                self.metrics.record(command, ms, ErrorType.HANDLER_ERROR, now)
+                continue
+            if command is not run_command:
+                if run:
+                    self.metrics.record(run_command, ms, None, now, run)
+                run_command, run = command, 0
+            run += 1
+        if run:
+            self.metrics.record(run_command, ms, None, now, run)
+        writer = self.writer
+        if writer.tap is not None:
+            for data in encoded:
+                writer.tap(framing.unpack_body(data[framing.HEADER.size:]).body)
+        writer.queue(b"".join(encoded), len(encoded))
 
     async def _run(self, entry: Entry, req: protocol.Request, state: Inflight) -> None:
         ctx = state.ctx
         if self.recorder is not None:
             self.recorder.bind(ctx)  # in this request's task: its LM calls are recorded as its own
+        if entry.needs_dspy:
+            lm_metrics.CURRENT.set(ctx)  # its LM calls count in its meta (threads inherit it)
         frame: dict | None = None
         try:
             with state.scope:
                 if entry.needs_dspy and not self.warm.is_set():
                     await self.warm.wait()
+                if entry.kind is Kind.ASYNC or entry.kind is Kind.ASYNC_GEN:
+                    _begin(ctx)  # thread handlers begin in their thread: waiting for one is queue time
                 frame = protocol.result(req.id, await self._invoke(entry, req.args, ctx))
         except Exception as exc:
             frame = self._failure(req.id, exc)
@@ -286,14 +362,14 @@ class Server:
             # Cancelled, or finished past its deadline: a cooperative handler that saw
             # ``ctx.cancelled`` may return before the loop's timer fires; that is a timeout.
             frame = self._cancelled_frame(req, state.reason)
-        self._send_terminal(req.id, frame)
+        self._send_terminal(ctx, frame)
 
     async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
         kind = entry.kind
         if kind is Kind.ASYNC:
             return await entry.fn(args, ctx)
         if kind is Kind.SYNC:
-            return await anyio.to_thread.run_sync(entry.fn, args, ctx, abandon_on_cancel=True,
+            return await anyio.to_thread.run_sync(_call_sync, entry, args, ctx, abandon_on_cancel=True,
                                                   limiter=self.limiter)
         if kind is Kind.ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
@@ -322,18 +398,47 @@ class Server:
                               {"exception": type(exc).__name__},
                               "".join(traceback.format_exception(exc)))
 
-    def _send_terminal(self, rid: Any, frame: dict) -> None:
-        """Write the one terminal frame; a result msgpack cannot carry becomes an error."""
+    def _send_terminal(self, ctx: Context, frame: dict) -> None:
+        """Write the one terminal frame of a metered request with its ``meta``, after its
+        ``stop``/``exception`` telemetry; a result msgpack cannot carry becomes an error."""
+        now = time.perf_counter()
+        meta = request_meta(ctx, now)
         try:
-            self.writer.send(frame)
+            self._finish(ctx, frame, meta, now)
         except (TypeError, ValueError, OverflowError) as exc:
-            self.writer.send(protocol.error(rid, ErrorType.HANDLER_ERROR,
-                                            f"the handler's result cannot be sent as msgpack: {exc}",
-                                            {"exception": type(exc).__name__}))
+            self._finish(ctx, _unsendable(ctx.id, exc), meta, now)
+
+    def _finish(self, ctx: Context, frame: dict, meta: bytes, now: float) -> None:
+        extra = framing.META_KEY + meta if self.config.meta else b""
+        if ctx.telemetry is not None:
+            framing.encode(frame)  # raises for a result msgpack cannot carry, before ``stop`` is sent
+            ctx.telemetry.finish(frame, msgpack.unpackb(meta))
+        self.writer.send(frame, extra)  # raises before writing anything for a result msgpack cannot carry
+        error = frame["error"]["type"] if frame["type"] == "error" else None
+        self.metrics.record(ctx.command, (now - ctx.arrived) * 1000, error, now)
+
+
+def _unsendable(rid: Any, exc: Exception) -> dict:
+    return protocol.error(rid, ErrorType.HANDLER_ERROR, f"the handler's result cannot be sent as msgpack: {exc}",
+                          {"exception": type(exc).__name__})
+
+
+def _begin(ctx: Context) -> None:
+    """The handler starts now: the end of ``queue_ms``, and the ``start`` event."""
+    ctx.started = time.perf_counter()
+    if ctx.telemetry is not None:
+        ctx.telemetry.start()
+
+
+def _call_sync(entry: Entry, args: dict, ctx: Context) -> Any:
+    """Run a sync handler in its worker thread."""
+    _begin(ctx)
+    return entry.fn(args, ctx)
 
 
 def _drive_generator(entry: Entry, args: dict, ctx: Context) -> Any:
     """Run a sync generator handler in its worker thread, emitting each item on the loop."""
+    _begin(ctx)
     gen = entry.fn(args, ctx)
     try:
         while True:

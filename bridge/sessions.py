@@ -11,13 +11,14 @@ import itertools
 import time
 from typing import Any
 
+from .metrics import LmUsage
 from .protocol import PeerError
 
 DEFAULT_SESSION = "default"
 
 
 class Session:
-    __slots__ = ("id", "ttl_s", "last_used", "objects", "lm", "data")
+    __slots__ = ("id", "ttl_s", "last_used", "objects", "lm", "data", "usage")
 
     def __init__(self, session_id: str, ttl_s: float | None = None) -> None:
         self.id = session_id
@@ -26,6 +27,7 @@ class Session:
         self.objects: dict[str, Any] = {}
         self.lm: Any = None
         self.data: dict[str, Any] = {}  # named things handlers keep, e.g. stored pipelines
+        self.usage = LmUsage()  # every LM call made in this session (stats)
 
     def expired(self, now: float) -> bool:
         return self.ttl_s is not None and now - self.last_used > self.ttl_s
@@ -48,6 +50,10 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def lm_usage(self) -> dict[str, dict[str, Any]]:
+        """LM usage of each live session that made LM calls."""
+        return {sid: s.usage.as_dict() for sid, s in self._sessions.items() if s.usage.calls}
 
     @property
     def object_count(self) -> int:

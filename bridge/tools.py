@@ -100,13 +100,17 @@ class ToolBridge:
         rpc_id = next(self._ids)
         if announce is not None:
             await announce(rpc_id)
-        slot = self._slots[rpc_id] = Slot(time.monotonic() + timeout_ms / 1000)
+        started = time.monotonic()
+        slot = self._slots[rpc_id] = Slot(started + timeout_ms / 1000)
         queue = self._deadlines.get(timeout_ms)
         if not queue:
             queue = self._deadlines[timeout_ms] = {}
             self._wake.set()  # a new earliest deadline may exist: the timer re-plans
         queue[rpc_id] = slot
         ctx.parked.add(slot)
+        telemetry = ctx.telemetry
+        if telemetry is not None:
+            telemetry.event("tool_start", {"system_time": time.time()}, {"tool": tool, "rpc_id": rpc_id})
         try:
             self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
             await slot.future
@@ -116,6 +120,12 @@ class ToolBridge:
             queue.pop(rpc_id, None)
             if slot.response is None and not self._writer.broken.is_set():
                 self._writer.send(protocol.rpc_cancel(rpc_id))
+            elapsed = time.monotonic() - started
+            ctx.tool_done(elapsed)
+            if telemetry is not None:
+                ok = slot.response is not None and slot.response.ok
+                telemetry.event("tool_end", {"duration_ms": elapsed * 1000},
+                                {"tool": tool, "rpc_id": rpc_id, "ok": ok})
         return _outcome(slot, tool, timeout_ms, ctx)
 
     def on_response(self, response: protocol.RpcResponse) -> None:

@@ -38,6 +38,9 @@ FLUSH_EVERY = 1.0  # seconds: the most a crash can lose, beyond what is still bu
 NOT_REPLAYED = {"command", "fds", "record", "record_append", "replay_lm", "replay_segment", "replay_speed"}
 SECRET = re.compile(r"(^|_)(key|token|secret|password|headers)$", re.I)  # api_key, azure_ad_token, extra_headers…
 VOLATILE_RESULTS = {"ping": ("time",), "stats": ("uptime_s", "rss_bytes", "bytes_out", "warm")}
+# stats' request metrics: timings, and counters that older recordings do not have
+UNCOMPARED_RESULTS = {"stats": ("requests", "errors", "latency_ms", "histogram_buckets", "lm",
+                                "lm_by_session")}
 
 log = logging.getLogger("bridge.transcript")
 
@@ -321,15 +324,19 @@ def describe(key: StreamKey, commands: dict[Any, str]) -> str:
 def normalize(frame: Any, commands: dict[Any, str], rpc_name: Callable[[Any], Any]) -> Any:
     """A worker frame with what differs between equal runs replaced by placeholders:
     pid and version, timings (ping's time, stats' uptime/rss/bytes out/warm-up, any
-    ``*_ms`` duration), tracebacks, and rpc ids (named by the recorded call they match)."""
+    ``*_ms`` duration, telemetry's ``system_time``), tracebacks, and rpc ids (named by
+    the recorded call they match).  Terminal frames' ``meta`` and stats' request
+    metrics are left out."""
     frame = _scrub(frame, rpc_name)
     if not isinstance(frame, dict):
         return frame
+    frame.pop("meta", None)  # timings and counters of the run, not what the worker answered
     if frame.get("type") == "ready":
         frame.update({k: f"<{k}>" for k in ("pid", "version") if k in frame})
-    volatile = VOLATILE_RESULTS.get(commands.get(frame.get("id"), "")) if frame.get("type") == "result" else None
-    if volatile and isinstance(frame.get("data"), dict):
-        frame["data"] = {k: (f"<{k}>" if k in volatile else v) for k, v in frame["data"].items()}
+    command = commands.get(frame.get("id"), "") if frame.get("type") == "result" else ""
+    volatile, dropped = VOLATILE_RESULTS.get(command, ()), UNCOMPARED_RESULTS.get(command, ())
+    if (volatile or dropped) and isinstance(frame.get("data"), dict):
+        frame["data"] = {k: (f"<{k}>" if k in volatile else v) for k, v in frame["data"].items() if k not in dropped}
     return frame
 
 
@@ -349,17 +356,20 @@ def _scrub_field(key: str, value: Any, rpc_name: Callable[[Any], Any]) -> Any:
     if key.endswith("_ms") and key != "timeout_ms" and isinstance(value, (int, float)) \
             and not isinstance(value, bool):
         return "<ms>"
+    if key == "system_time":  # telemetry events' wall clock
+        return "<time>"
     return _scrub(value, rpc_name)
 
 
 def allow_added_commands(expected: dict[StreamKey, list[Any]], actual: dict[StreamKey, list[Any]]) -> None:
-    """A worker that gained commands still serves every recorded conversation: its ``ready``
-    frame is compared as if it listed the recorded commands, as long as none is missing."""
+    """A worker that gained commands or capabilities still serves every recorded conversation:
+    its ``ready`` frame is compared as if it listed the recorded ones, as long as none is missing."""
     want, got = expected.get(("worker",), [None])[0], actual.get(("worker",), [None])[0]
     if not (isinstance(want, dict) and isinstance(got, dict) and want.get("type") == got.get("type") == "ready"):
         return
-    if isinstance(want.get("commands"), list) and set(want["commands"]) <= set(got.get("commands") or []):
-        got["commands"] = want["commands"]
+    for key in ("commands", "capabilities"):
+        if isinstance(want.get(key), list) and set(want[key]) <= set(got.get(key) or []):
+            got[key] = want[key]
 
 
 def compare(expected: dict[StreamKey, list[Any]], actual: dict[StreamKey, list[Any]],

@@ -71,15 +71,20 @@ class FrameWriter:
         self._scheduled = False
         self._corked = False
 
-    def send(self, frame: dict) -> int:
-        """Queue one frame; returns its encoded size.  Never blocks."""
-        data = framing.encode(frame)
+    def send(self, frame: dict, extra: bytes = b"") -> int:
+        """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
+        returns its encoded size.  Never blocks."""
+        data = framing.encode(frame, extra)
+        if self.tap is not None and not self.broken.is_set():
+            self.tap(framing.unpack_body(data[framing.HEADER.size:]).body if extra else frame)
+        return self.queue(data)
+
+    def queue(self, data: bytes, frames: int = 1) -> int:
+        """Queue ``frames`` already-encoded frames (the tap is the caller's business)."""
         if self.broken.is_set():
             return len(data)
-        if self.tap is not None:
-            self.tap(frame)
         self._buf += data
-        self.frames_out += 1
+        self.frames_out += frames
         self.bytes_out += len(data)
         if len(self._buf) >= EAGER_BYTES:
             self._write_now()

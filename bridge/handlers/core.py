@@ -31,6 +31,7 @@ def echo(args: dict, ctx: Context) -> dict:
 @handler("stats", inline=True)
 def stats(args: dict, ctx: Context) -> dict[str, Any]:
     server = ctx.server
+    server.flush_replies()  # the replies before this one are counted
     writer = server.writer
     return {
         "uptime_s": time.monotonic() - server.started,
@@ -44,4 +45,6 @@ def stats(args: dict, ctx: Context) -> dict[str, Any]:
         "rss_bytes": rss_bytes(),
         "sessions": len(server.sessions),
         "objects": server.sessions.object_count,
+        **server.metrics.snapshot(),  # requests, errors, latency_ms, histogram_buckets, lm
+        "lm_by_session": server.sessions.lm_usage(),
     }

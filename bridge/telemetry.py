@@ -1,0 +1,65 @@
+"""Opt-in ``telemetry`` frames: one per ``:telemetry`` event of a request (see ``docs/telemetry.md``).
+
+A request asks with ``"telemetry": true`` (or the worker runs with
+``--telemetry``).  Events may come from worker threads (DSPy's LM calls), so
+they are handed to the loop; one that reaches the loop after its request's
+terminal frame is dropped: no frame for an id follows its terminal frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .context import Context
+
+def frame(rid: Any, event: str, measurements: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "telemetry", "id": rid, "event": event, "measurements": measurements, "metadata": metadata}
+
+
+class Telemetry:
+    """The event sink of one request that opted in."""
+
+    __slots__ = ("ctx", "slow_s", "last_chunk")
+
+    def __init__(self, ctx: "Context", slow_chunk_ms: float) -> None:
+        self.ctx = ctx
+        self.slow_s = slow_chunk_ms / 1000
+        self.last_chunk = 0.0
+
+    def event(self, name: str, measurements: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        """Send one event from the loop or from any thread; dropped once the request has ended."""
+        ctx = self.ctx
+        body = frame(ctx.id, name, measurements, {"command": ctx.command, **(metadata or {})})
+        server = ctx.server
+        if threading.get_ident() == server.loop_thread:
+            self._send(body)
+        else:
+            server.loop.call_soon_threadsafe(self._send, body)
+
+    def _send(self, body: dict[str, Any]) -> None:
+        if not self.ctx.closed:
+            self.ctx.server.writer.send(body)
+
+    def start(self) -> None:
+        ctx = self.ctx
+        self.event("start", {"system_time": time.time(), "queue_ms": (ctx.started - ctx.arrived) * 1000},
+                   {"session_id": ctx.session_id})
+
+    def chunk(self, now: float, seq: int) -> None:
+        """Called after each chunk: a gap longer than ``--slow-chunk-ms`` is a ``slow_chunk``."""
+        if seq and now - self.last_chunk > self.slow_s:
+            self.event("slow_chunk", {"gap_ms": (now - self.last_chunk) * 1000}, {"seq": seq})
+        self.last_chunk = now
+
+    def finish(self, terminal: dict[str, Any], meta: dict[str, Any]) -> None:
+        """``stop`` or ``exception``, written right before the terminal frame (the request is closed)."""
+        ctx = self.ctx
+        if terminal["type"] == "result":
+            body = frame(ctx.id, "stop", meta, {"command": ctx.command})
+        else:
+            body = frame(ctx.id, "exception", meta, {"command": ctx.command, "error_type": terminal["error"]["type"]})
+        ctx.server.writer.send(body)
+

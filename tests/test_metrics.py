@@ -1,0 +1,189 @@
+"""Terminal frames' ``meta``, telemetry frames and ``stats`` metrics, through a real worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bridge import framing
+from bridge.client import RemoteError
+from bridge.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
+from tests.conftest import new_session_id, spawn
+from tests.test_react import SCRIPT as REACT_SCRIPT, TOOLS, react_args
+
+META_KEYS = {"duration_ms", "queue_ms", "first_chunk_ms", "chunks", "bytes_out", "tool_calls", "tool_ms"}
+
+
+def slow_echo(x):
+    time.sleep(0.1)
+    return x
+
+
+def host_tools() -> dict:
+    return {"slow_echo": slow_echo, "search": lambda query: {"hits": ["330 m"]},
+            "calc": lambda expression: round(eval(expression, {"__builtins__": {}}), 1)}
+
+
+@pytest.fixture(scope="module")
+def w():
+    with spawn(tools=host_tools()) as worker:
+        yield worker
+
+
+def timed(w, command: str, args: dict, **fields):
+    """The call (finished) and its round trip as the host measured it, in ms."""
+    started = time.perf_counter()
+    call = w.request(command, args, **fields)
+    try:
+        call.result()
+    except RemoteError:
+        pass
+    return call, (time.perf_counter() - started) * 1000
+
+
+def events(call) -> list[str]:
+    return [f["event"] for f in call.frames if f["type"] == "telemetry"]
+
+
+# ---- meta ------------------------------------------------------------------------------
+
+def test_inline_request_has_meta(w):
+    call, host_ms = timed(w, "echo", {"a": 1})
+    meta = call.terminal["meta"]
+    assert set(meta) == META_KEYS
+    assert meta["chunks"] == meta["bytes_out"] == meta["tool_calls"] == 0 and meta["first_chunk_ms"] is None
+    assert 0 <= meta["queue_ms"] <= meta["duration_ms"] <= host_ms
+
+
+def test_duration_agrees_with_the_host(w):
+    call, host_ms = timed(w, "sleep", {"seconds": 0.2})
+    meta = call.terminal["meta"]
+    assert 200 <= meta["duration_ms"] <= host_ms < meta["duration_ms"] + 50
+    assert meta["queue_ms"] < 50
+
+
+def test_stream_counts_chunks_and_bytes_exactly(w):
+    call, _ = timed(w, "stream_count", {"n": 5, "size": 100})
+    chunks = [f for f in call.frames if f["type"] == "chunk"]
+    meta = call.terminal["meta"]
+    assert meta["chunks"] == 5
+    assert meta["bytes_out"] == sum(len(framing.encode(f)) for f in chunks)
+    assert 0 < meta["first_chunk_ms"] <= meta["duration_ms"]
+
+
+def test_tool_time_is_the_time_parked_on_the_host(w):
+    call, host_ms = timed(w, "test.tool", {"tool": "slow_echo", "args": [7]})
+    meta = call.terminal["meta"]
+    assert call.terminal["data"] == 7
+    assert meta["tool_calls"] == 1
+    assert 100 <= meta["tool_ms"] < 160 and meta["tool_ms"] <= meta["duration_ms"] <= host_ms
+
+
+def test_error_frames_have_meta(w):
+    call, host_ms = timed(w, "sleep", {"seconds": 0.5}, timeout_ms=100)
+    assert call.terminal["error"]["type"] == "timeout"
+    assert 100 <= call.terminal["meta"]["duration_ms"] <= host_ms
+    call, _ = timed(w, "test.raise", {})
+    assert call.terminal["type"] == "error" and set(call.terminal["meta"]) == META_KEYS
+
+
+def test_scripted_lm_usage_is_reported(w):
+    sid = new_session_id()
+    w.call("lm.configure", {"model": "scripted/m", "script": [{"answer": "1"}, {"answer": "2"}, {"answer": "3"},
+                                                              {"answer": "4"}]}, session_id=sid)
+    call, _ = timed(w, "dspy.predict", {"signature": "question -> answer", "inputs": {"question": "q"}},
+                    session_id=sid)
+    lm = call.terminal["meta"]["lm"]
+    assert lm["calls"] == 1 and lm["input_tokens"] > 0 and lm["output_tokens"] > 0
+    assert lm["cost_usd"] is None and lm["cache_hits"] == 0
+    call, _ = timed(w, "dspy.batch", {"signature": "question -> answer",
+                                      "items": [{"question": "a"}, {"question": "b"}]}, session_id=sid)
+    assert call.terminal["meta"]["lm"]["calls"] == 2
+    call, _ = timed(w, "dspy.stream", {"signature": "question -> answer", "inputs": {"question": "q"}},
+                    session_id=sid)
+    assert call.terminal["meta"]["lm"]["calls"] == 1 and call.terminal["meta"]["lm"]["output_tokens"] > 0
+    stats = w.call("stats")
+    assert stats["lm_by_session"][sid]["calls"] == 4
+    assert stats["lm"]["calls"] >= 4 and stats["lm"]["input_tokens"] >= 4 * lm["input_tokens"] - 10
+
+
+# ---- telemetry -------------------------------------------------------------------------
+
+def test_react_events_in_order(w):
+    sid = new_session_id()
+    script = [REACT_SCRIPT[0], REACT_SCRIPT[2], *REACT_SCRIPT[3:]]  # search, calc, finish, extract
+    w.call("lm.configure", {"model": "scripted/agent", "script": script}, session_id=sid)
+    call, _ = timed(w, "dspy.react", react_args(tools=TOOLS), session_id=sid, telemetry=True)
+    assert call.terminal["type"] == "result"
+    lm = ["lm_start", "lm_end"]
+    tool = ["tool_start", "tool_end"]
+    assert events(call) == ["start", *lm, *tool, *lm, *tool, *lm, *lm, "stop"]
+    assert call.frames[-2]["event"] == "stop" and call.frames[-2]["measurements"] == call.terminal["meta"]
+    tool_ends = [f for f in call.frames if f.get("event") == "tool_end"]
+    assert [f["metadata"]["tool"] for f in tool_ends] == ["search", "calc"]
+    assert call.terminal["meta"]["lm"]["calls"] == 4 and call.terminal["meta"]["tool_calls"] == 2
+    seqs = [f["seq"] for f in call.frames if f["type"] == "chunk"]
+    assert seqs == list(range(len(seqs)))
+
+
+def test_slow_chunk_fires_for_a_delayed_stream_only(w):
+    call, _ = timed(w, "test.async_gen", {"n": 3, "delay": 0.15}, telemetry=True)
+    slow = [f for f in call.frames if f.get("event") == "slow_chunk"]
+    assert [f["metadata"]["seq"] for f in slow] == [1, 2]
+    assert all(f["measurements"]["gap_ms"] >= 100 for f in slow)
+    call, _ = timed(w, "stream_count", {"n": 200}, telemetry=True)
+    assert events(call) == ["start", "stop"]
+
+
+def test_exception_event_and_no_frames_without_opt_in(w):
+    call, _ = timed(w, "test.raise", {}, telemetry=True)
+    assert events(call) == ["start", "exception"]
+    assert call.frames[-2]["metadata"]["error_type"] == "handler_error"
+    call, _ = timed(w, "stream_count", {"n": 3})
+    assert events(call) == []
+
+
+def test_worker_wide_telemetry_flag():
+    with spawn("--telemetry", "--slow-chunk-ms", "10") as w:
+        call, _ = timed(w, "echo", {})
+        assert events(call) == ["start", "stop"]
+        call, _ = timed(w, "test.async_gen", {"n": 2, "delay": 0.05})
+        assert events(call) == ["start", "slow_chunk", "stop"]
+
+
+# ---- stats -----------------------------------------------------------------------------
+
+def test_stats_counts_and_histograms_stay_bounded():
+    with spawn() as w:
+        w.call("echo", {})
+        with pytest.raises(RemoteError):
+            w.call("nope")
+        w.call("stats")  # now every command of the test has its histogram
+        before = w.call("stats")
+        n = 100_000
+        w.send_raw(b"".join(framing.encode({"type": "request", "id": f"b{i}", "command": "echo"}) for i in range(n)))
+        after = w.call("stats")
+        assert after["requests"]["echo"] == before["requests"]["echo"] + n
+        assert after["errors"]["unknown_command"] == 1
+        assert after["histogram_buckets"] == before["histogram_buckets"]
+        echo = after["latency_ms"]["echo"]
+        assert echo["total"]["count"] == n + 1
+        assert echo["total"]["p50"] <= echo["total"]["p90"] <= echo["total"]["p99"] <= echo["total"]["max"]
+        assert after["rss_bytes"] > 0 and after["frames_in"] >= n
+
+
+def test_histogram_quantiles_and_window():
+    hist = Histogram(now=0.0)
+    for ms in range(1, 101):
+        hist.add(float(ms), now=1.0)
+    total = hist.summary(now=1.0)["total"]
+    assert total["count"] == 100 and total["max"] == 100.0
+    for name, exact in (("p50", 50), ("p90", 90), ("p99", 99)):
+        assert exact <= total[name] <= exact * 1.2
+    later = SLOT_S * (WINDOW_SLOTS + 1)
+    hist.add(5.0, now=later)
+    summary = hist.summary(now=later)
+    assert summary["window"]["count"] == 1 and summary["window"]["max"] == 5.0
+    assert summary["total"]["count"] == 101
+    assert hist.buckets == (len(BOUNDS) + 1) * (WINDOW_SLOTS + 1)
