@@ -11,8 +11,9 @@ import statistics
 import sys
 from typing import Callable
 
+from . import ab
 from . import scenarios as s
-from .harness import BRIDGE, FLOOR, Peer
+from .harness import BRIDGE, FLOOR, ROOT, Peer
 
 Row = tuple[str, float | None, float | None, str, str]
 
@@ -56,6 +57,7 @@ def rows(reps: int, scale: float) -> list[Row]:
     out.append(("echo latency, 1 in flight (µs, median)", seq_ours, seq_floor, f"{seq_ours / seq_floor:.2f}",
                 f"<= 1.5x floor: {verdict(seq_ours / seq_floor, 1.5, False)}"))
     ratio_row("echo, 100 in flight", lambda p: s.echo_pipelined_per_s(p, n(60_000)), 0.5)
+    out.extend(_meta_cost(reps, n(60_000)))
     ratio_row("stream, int chunks", lambda p: s.stream_per_s(p, n(200_000)), 0.5)
     ratio_row("stream, 1 KiB chunks", lambda p: s.stream_per_s(p, n(100_000), 1024), 0.5)
     first, first_floor = measure(lambda p: s.first_chunk_us(p, n(1000)), reps)
@@ -76,6 +78,16 @@ def rows(reps: int, scale: float) -> list[Row]:
         ours, floor = measure(fn, 1)
         out.append((name, ours, floor, "", f"<= 5 MB: {verdict(ours, 5, False)}"))
     return out
+
+
+def _meta_cost(reps: int, n: int) -> list[Row]:
+    """Pipelined echo with ``meta`` against the same build with ``--no-meta`` (issue 8: < 2%).
+    The "floor" column holds the ``--no-meta`` figure here."""
+    (_, rate, cpu), (_, bare_rate, bare_cpu) = ab.run([ROOT, f"{ROOT}:--no-meta"], "echo", max(reps, 8), n)
+    return [("echo, 100 in flight, meta vs --no-meta (/s)", rate, bare_rate, f"{rate / bare_rate:.2f}",
+             f">= 98% of --no-meta: {verdict(rate / bare_rate, 0.98, True)}"),
+            ("worker CPU per echo, meta vs --no-meta (µs)", cpu, bare_cpu, f"{cpu / bare_cpu:.2f}",
+             f"<= 1.02x --no-meta: {verdict(cpu / bare_cpu, 1.02, False)}")]
 
 
 def _ping_under_load(pings: int) -> tuple[float | None, float | None]:

@@ -27,11 +27,11 @@ FLOOR = [sys.executable, "-m", "bench.floor"]
 class Peer:
     """One worker process, spoken to over its stdin/stdout pipes."""
 
-    def __init__(self, argv: list[str], warm: bool = True) -> None:
-        env = dict(os.environ, PYTHONPATH=ROOT)
+    def __init__(self, argv: list[str], warm: bool = True, root: str = ROOT) -> None:
+        env = dict(os.environ, PYTHONPATH=root)
         started = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                     cwd=ROOT, env=env)
+                                     cwd=root, env=env)
         self.rfd = self.proc.stdout.fileno()  # type: ignore[union-attr]
         self.wfd = self.proc.stdin.fileno()  # type: ignore[union-attr]
         self._buf = bytearray()
@@ -83,6 +83,18 @@ class Peer:
                 frame = msgpack.unpackb(body, raw=False)
                 if frame.get("type") in ("result", "error"):
                     return frame
+
+    def cpu_s(self) -> float:
+        """CPU time the worker's threads have used so far, in ns-resolution (schedstat): steadier
+        than wall-clock rates on a noisy machine."""
+        total = 0
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:  # a thread that just ended
+                pass
+        return total / 1e9
 
     def rss(self) -> int:
         with open(f"/proc/{self.proc.pid}/statm") as f:

@@ -72,6 +72,9 @@ def _ended(server: Any, ctx: "Context | None", lm: Any, started: float, result: 
     tokens_out = usage.get("completion_tokens") or usage.get("output_tokens") or 0
     cost = getattr(result, "cost", None)
     hit = bool(getattr(result, "cache_hit", False))
+    price = getattr(lm, "bridge_price", None)  # lm.configure's ``price``: for calls DSPy cannot price
+    if cost is None and price is not None and result is not None:
+        cost = 0.0 if hit else (tokens_in * price[0] + tokens_out * price[1]) / 1e6
     with _lock:
         server.metrics.lm.add(tokens_in, tokens_out, cost, hit)
         if ctx is not None:

@@ -26,7 +26,7 @@ import msgpack
 
 from . import __version__, framing, lm_metrics, protocol
 from .context import Context, RequestClosed
-from .metrics import WorkerMetrics, idle_meta, request_meta
+from .metrics import LmUsage, WorkerMetrics, idle_meta, request_meta
 from .protocol import ErrorType, PeerError
 from .registry import REGISTRY, Entry, Kind, Registry
 from .sessions import SessionStore
@@ -275,6 +275,8 @@ class Server:
             return
         deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
         ctx = Context(self, req, self._token).meter(self.arrived, req.telemetry or self.telemetry_all)
+        if entry.needs_dspy:
+            ctx.lm = LmUsage()  # a DSPy command's ``meta`` always has ``lm``, zeros without LM calls
         state = self.inflight[req.id] = Inflight(ctx, deadline)
         self._tg.start_soon(self._run, entry, req, state)
 

@@ -120,3 +120,13 @@ def tool_blocking(args: dict, ctx) -> object:
     """The same from a worker thread."""
     return ctx.call_tool_blocking(args["tool"], *args.get("args", []), timeout_ms=args.get("timeout_ms"),
                                   **args.get("kwargs", {}))
+
+
+@handler("test.inline_unserializable", inline=True)
+def inline_unserializable(args: dict, ctx) -> object:
+    return object()
+
+
+@handler("test.inline_raise", inline=True)
+def inline_raise(args: dict, ctx) -> None:
+    raise ValueError("inline boom")

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bridge import framing
-from bridge.client import RemoteError
+from bridge.client import Call, RemoteError
 from bridge.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
 from tests.conftest import new_session_id, spawn
 from tests.test_react import SCRIPT as REACT_SCRIPT, TOOLS, react_args
@@ -90,13 +90,15 @@ def test_error_frames_have_meta(w):
 
 def test_scripted_lm_usage_is_reported(w):
     sid = new_session_id()
-    w.call("lm.configure", {"model": "scripted/m", "script": [{"answer": "1"}, {"answer": "2"}, {"answer": "3"},
-                                                              {"answer": "4"}]}, session_id=sid)
+    configure, _ = timed(w, "lm.configure", {"model": "scripted/m", "script": [
+        {"answer": "1"}, {"answer": "2"}, {"answer": "3"}, {"answer": "4"}]}, session_id=sid)
+    assert configure.terminal["meta"]["lm"] == {"calls": 0, "input_tokens": 0, "output_tokens": 0,
+                                                "cost_usd": None, "cache_hits": 0}
     call, _ = timed(w, "dspy.predict", {"signature": "question -> answer", "inputs": {"question": "q"}},
                     session_id=sid)
     lm = call.terminal["meta"]["lm"]
     assert lm["calls"] == 1 and lm["input_tokens"] > 0 and lm["output_tokens"] > 0
-    assert lm["cost_usd"] is None and lm["cache_hits"] == 0
+    assert lm["cost_usd"] is None and lm["cache_hits"] == 0  # nobody prices a scripted model
     call, _ = timed(w, "dspy.batch", {"signature": "question -> answer",
                                       "items": [{"question": "a"}, {"question": "b"}]}, session_id=sid)
     assert call.terminal["meta"]["lm"]["calls"] == 2
@@ -106,6 +108,20 @@ def test_scripted_lm_usage_is_reported(w):
     stats = w.call("stats")
     assert stats["lm_by_session"][sid]["calls"] == 4
     assert stats["lm"]["calls"] >= 4 and stats["lm"]["input_tokens"] >= 4 * lm["input_tokens"] - 10
+
+
+def test_a_declared_price_makes_a_cost(w):
+    sid = new_session_id()
+    w.call("lm.configure", {"model": "scripted/m", "script": [{"answer": "one two three"}],
+                            "price": {"input_per_mtok": 2.0, "output_per_mtok": 10.0}}, session_id=sid)
+    call, _ = timed(w, "dspy.predict", {"signature": "question -> answer", "inputs": {"question": "q"}},
+                    session_id=sid)
+    lm = call.terminal["meta"]["lm"]
+    assert lm["cost_usd"] == pytest.approx((lm["input_tokens"] * 2.0 + lm["output_tokens"] * 10.0) / 1e6)
+    assert w.call("stats")["lm_by_session"][sid]["cost_usd"] == pytest.approx(lm["cost_usd"])
+    with pytest.raises(RemoteError) as bad:
+        w.call("lm.configure", {"model": "scripted/m", "price": {"input_per_mtok": -1}}, session_id=sid)
+    assert bad.value.type == "bad_request"
 
 
 # ---- telemetry -------------------------------------------------------------------------
@@ -187,3 +203,50 @@ def test_histogram_quantiles_and_window():
     assert summary["window"]["count"] == 1 and summary["window"]["max"] == 5.0
     assert summary["total"]["count"] == 101
     assert hist.buckets == (len(BOUNDS) + 1) * (WINDOW_SLOTS + 1)
+
+
+# ---- inline replies: grouped, each with meta -------------------------------------------
+
+def pipelined(w, n: int, command: str = "echo") -> list:
+    """``n`` requests in one write under PIPE_BUF (so one read for the worker); their finished calls."""
+    calls = [Call(w, f"p{i}") for i in range(n)]
+    for call in calls:
+        w._calls[call.id] = call
+    w.send_raw(b"".join(framing.encode({"type": "request", "id": c.id, "command": command, "args": {"i": i}})
+                        for i, c in enumerate(calls)))
+    for call in calls:
+        call.result()
+    return calls
+
+
+def test_pipelined_inline_replies_each_carry_consistent_meta(w):
+    calls = pipelined(w, 40)
+    metas = [c.terminal["meta"] for c in calls]
+    assert [c.terminal["data"] for c in calls] == [{"i": i} for i in range(40)]
+    assert all(set(m) == META_KEYS and m["chunks"] == m["tool_calls"] == 0 for m in metas)
+    assert all(0 <= m["queue_ms"] <= m["duration_ms"] for m in metas)
+    # later requests of one read waited longer: times never go backwards in arrival order
+    assert [m["duration_ms"] for m in metas] == sorted(m["duration_ms"] for m in metas)
+    assert [m["queue_ms"] for m in metas] == sorted(m["queue_ms"] for m in metas)
+
+
+def test_stats_counts_every_reply_sent_before_it(w):
+    before = w.call("stats")["requests"].get("ping", 0)
+    pipelined(w, 37, "ping")
+    assert w.call("stats")["requests"]["ping"] == before + 37
+
+
+def test_failing_inline_requests_have_their_own_meta(w):
+    for command, kind in (("test.inline_raise", "handler_error"), ("test.inline_unserializable", "handler_error")):
+        call, host_ms = timed(w, command, {})
+        assert call.terminal["error"]["type"] == kind
+        assert set(call.terminal["meta"]) == META_KEYS and call.terminal["meta"]["duration_ms"] <= host_ms
+
+
+def test_no_meta_switch():
+    with spawn("--no-meta") as w:
+        for command, args in (("echo", {}), ("stream_count", {"n": 2}), ("test.raise", {})):
+            call, _ = timed(w, command, args)
+            assert "meta" not in call.terminal
+        stats = w.call("stats")
+        assert stats["requests"]["echo"] == 1 and stats["errors"]["handler_error"] == 1

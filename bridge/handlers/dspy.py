@@ -147,14 +147,27 @@ def concurrency(args: dict[str, Any]) -> int:
 @handler("lm.configure", needs_dspy=True)
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
     """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines)."""
-    options = {k: v for k, v in args.items() if k != "model"}
+    options = {k: v for k, v in args.items() if k not in ("model", "price")}
     try:
         lm = build_lm(args.get("model"), options)
     except (ValueError, TypeError) as exc:
         raise PeerError(ErrorType.BAD_REQUEST, f"cannot configure the LM: {exc}") from None
+    if "price" in args:
+        lm.bridge_price = price_option(args["price"])  # read by lm_metrics when DSPy cannot price a call
     session = ctx.session
     session.lm = lm
     return {"model": lm.model, "session_id": session.id}
+
+
+def price_option(price: Any) -> tuple[float, float]:
+    """``price: {"input_per_mtok", "output_per_mtok"}`` (USD per million tokens): the cost of
+    calls DSPy cannot price itself (self-hosted and offline models)."""
+    keys = ("input_per_mtok", "output_per_mtok")
+    if not isinstance(price, dict) or set(price) != set(keys) or not all(
+            isinstance(price[k], (int, float)) and not isinstance(price[k], bool) and price[k] >= 0 for k in keys):
+        raise PeerError(ErrorType.BAD_REQUEST, "'price' must be {\"input_per_mtok\": USD, \"output_per_mtok\": USD}, "
+                        "numbers >= 0")
+    return float(price["input_per_mtok"]), float(price["output_per_mtok"])
 
 
 # ---- one-shot programs -------------------------------------------------------------------
