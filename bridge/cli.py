@@ -1,5 +1,5 @@
 """The ``bridge`` command: ``serve`` (the worker, and the default), ``demo``, ``encode``, ``decode``,
-``replay`` and ``transcript show`` (see ``docs/transcripts.md``).
+``replay``, ``transcript show`` (see ``docs/transcripts.md``) and ``stats`` (``docs/telemetry.md``).
 
 ``serve`` is careful about order: stdout is claimed for frames before any
 module that might print is imported.
@@ -77,9 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--speed", type=float, metavar="X", help="recorded pacing, X times faster (default: none)")
     replay.add_argument("--timeout", type=float, default=10.0, metavar="S",
                         help="how long to wait for a frame the recording says comes (default 10)")
+    replay.add_argument("--record", metavar="PATH",
+                        help="also record the replayed run to PATH (follow it live with bridge stats --watch PATH)")
     transcript = sub.add_parser("transcript", help="work with transcripts")
     transcript.add_argument("action", choices=["show"])
     transcript.add_argument("path")
+    stats = sub.add_parser("stats", help="the stats table of a transcript; --watch follows a live one")
+    stats.add_argument("path")
+    stats.add_argument("--watch", action="store_true", help="redraw as the file grows, until the worker exits")
+    stats.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between redraws (default 1)")
     return parser
 
 
@@ -157,7 +163,8 @@ def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> 
 def cmd_replay(opts: argparse.Namespace) -> int:
     from . import replay
 
-    return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout)
+    return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout,
+                      record=opts.record)
 
 
 @_subcommand
@@ -165,6 +172,13 @@ def cmd_transcript(opts: argparse.Namespace) -> int:
     from . import chatlog
 
     return chatlog.show_file(opts.path)
+
+
+@_subcommand
+def cmd_stats(opts: argparse.Namespace) -> int:
+    from . import watch
+
+    return watch.run(opts.path, watch=opts.watch, interval=opts.interval)
 
 
 @_subcommand

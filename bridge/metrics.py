@@ -193,8 +193,9 @@ class WorkerMetrics:
         """A request refused before it ran (unknown command, overloaded, shutting down…)."""
         self.errors[error_type] = self.errors.get(error_type, 0) + 1
 
-    def snapshot(self) -> dict[str, Any]:
-        now = time.perf_counter()
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """``now``: the clock ``record`` was given (a transcript's time); default ``perf_counter``."""
+        now = time.perf_counter() if now is None else now
         latency = {cmd: h.summary(now) for cmd, h in self.latency.items()}
         return {"requests": {cmd: s["total"]["count"] for cmd, s in latency.items()}, "errors": dict(self.errors),
                 "latency_ms": latency,

@@ -286,15 +286,19 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def run(path: str, *, update: bool = False, show: bool = False, speed: float | None = None,
-        timeout: float = 10.0, out: TextIO = sys.stdout) -> int:
-    """Replay ``path``; print the differences; 0 when the worker still says the same."""
+        timeout: float = 10.0, record: str | None = None, out: TextIO = sys.stdout) -> int:
+    """Replay ``path``; print the differences; 0 when the worker still says the same.
+    ``record``: the replayed run's transcript goes there too (``--update`` records to ``PATH.new``)."""
     try:
         segments = transcript.load(path)
     except (OSError, transcript.TranscriptError) as exc:
         print(f"bridge replay: {exc}", file=sys.stderr)
         return 2
+    if record and os.path.abspath(record) == os.path.abspath(path):
+        print(f"bridge replay: --record {record} would overwrite the transcript being replayed", file=sys.stderr)
+        return 2
     log = ChatLog(out) if show else None
-    record_to = f"{path}.new" if update else None
+    record_to = f"{path}.new" if update else record
     outcomes = [SegmentRun(path, i, seg, timeout=timeout, speed=speed, log=log, record_to=record_to).play()
                 for i, seg in enumerate(segments)]
     if log:

@@ -148,10 +148,15 @@ class Recorder:
         """Start a segment in ``path`` (a new file, or appended: a worker restart)."""
         recorder = cls(open(path, "ab" if append else "wb", buffering=BUFFER), path)
         recorder._write(header(options))
+        recorder.flush()  # a follower (``bridge stats --watch``) sees the new segment at once
         return recorder
 
     def now(self) -> float:
         return round(time.monotonic() - self._t0, 6)
+
+    @_safely
+    def flush(self) -> None:
+        self._file.flush()
 
     def bind(self, ctx: Any) -> None:
         """Called in a request's own task: LM calls made for it (threads included) know it."""
@@ -257,27 +262,33 @@ def load(path: str | os.PathLike) -> list[Segment]:
     segments: list[Segment] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
+            record = parse_line(line, f"{path}:{lineno}", first=not segments)
+            if record is None:
                 continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise TranscriptError(f"{path}:{lineno}: not a JSON line ({exc})") from None
-            if not isinstance(record, dict):
-                raise TranscriptError(f"{path}:{lineno}: a record must be a JSON object")
             if "transcript" in record:
-                if record["transcript"] != FORMAT:
-                    raise TranscriptError(f"{path}:{lineno}: transcript format {record['transcript']!r}, "
-                                          f"this worker reads {FORMAT}")
                 segments.append(Segment(record, []))
-            elif not segments:
-                raise TranscriptError(f"{path}:{lineno}: the first line must be a header "
-                                      '{"transcript": 1, ...}')
             else:
                 segments[-1].records.append(record)
     if not segments:
         raise TranscriptError(f"{path}: empty")
     return segments
+
+
+def parse_line(line: str | bytes, where: str, first: bool) -> dict[str, Any] | None:
+    """One transcript line as a record (None for a blank one); ``first``: no header seen yet."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise TranscriptError(f"{where}: not a JSON line ({exc})") from None
+    if not isinstance(record, dict):
+        raise TranscriptError(f"{where}: a record must be a JSON object")
+    if "transcript" in record and record["transcript"] != FORMAT:
+        raise TranscriptError(f"{where}: transcript format {record['transcript']!r}, this worker reads {FORMAT}")
+    if first and "transcript" not in record:
+        raise TranscriptError(f'{where}: the first line must be a header {{"transcript": 1, ...}}')
+    return record
 
 
 def wire_bytes(record: dict[str, Any]) -> bytes:
