@@ -38,7 +38,8 @@ class Context:
 
     __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "server",
                  "parked", "_token", "_credit", "_credit_event", "_since_yield",
-                 "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry")
+                 "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
+                 "_watch_chunks")
 
     def __init__(self, server: "Server", req: protocol.Request, token: Any = None) -> None:
         self.id = req.id
@@ -65,6 +66,7 @@ class Context:
         self.tool_s = 0.0
         self.lm: LmUsage | None = None  # created by the first LM call (lm_metrics)
         self.telemetry = Telemetry(self, self.server.config.slow_chunk_ms) if telemetry else None
+        self._watch_chunks = True  # the first chunk's time, then every chunk's with telemetry
         return self
 
     # ---- state -----------------------------------------------------------------
@@ -98,12 +100,8 @@ class Context:
             self._credit -= 1
         writer = self.server.writer
         self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
-        if self.seq == 0 or self.telemetry is not None:
-            now = time.perf_counter()
-            if self.seq == 0:
-                self.first_chunk = now
-            if self.telemetry is not None:
-                self.telemetry.chunk(now, self.seq)
+        if self._watch_chunks:
+            self._watched_chunk()
         self.seq += 1
         if writer.congested:
             await writer.wait_drained()
@@ -112,6 +110,15 @@ class Context:
             if self._since_yield >= YIELD_EVERY:
                 self._since_yield = 0
                 await anyio.lowlevel.checkpoint()
+
+    def _watched_chunk(self) -> None:
+        now = time.perf_counter()
+        if self.seq == 0:
+            self.first_chunk = now
+        if self.telemetry is not None:
+            self.telemetry.chunk(now, self.seq)
+        else:
+            self._watch_chunks = False
 
     def emit_blocking(self, data: Any) -> None:
         """``emit`` for code running in a worker thread; blocks the thread, not the loop."""
@@ -143,11 +150,6 @@ class Context:
             raise RequestClosed(f"request {self.id!r} is finished")
         return anyio.from_thread.run(self.server.tools.call, self, name, list(args), kwargs, timeout_ms,
                                      token=self._token)
-
-    def tool_done(self, seconds: float) -> None:
-        """A host call of this request ended after ``seconds`` parked (for ``meta``)."""
-        self.tool_calls += 1
-        self.tool_s += seconds
 
     # ---- lifecycle (server side) -------------------------------------------------
 

@@ -183,6 +183,12 @@ class Relay:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ctx, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in Relay.__slots__:
+            object.__setattr__(self, name, value)
+        else:  # the request's own state (``meta``'s counters)
+            setattr(self._ctx, name, value)
+
     async def emit(self, data: Any) -> None:
         await self._ctx.emit(self._transform(data))
 

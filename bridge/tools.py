@@ -118,10 +118,11 @@ class ToolBridge:
             ctx.parked.discard(slot)
             del self._slots[rpc_id]
             queue.pop(rpc_id, None)
-            if slot.response is None and not self._writer.broken.is_set():
+            if slot.response is None and not self._writer.dead:
                 self._writer.send(protocol.rpc_cancel(rpc_id))
             elapsed = time.monotonic() - started
-            ctx.tool_done(elapsed)
+            ctx.tool_calls += 1  # for ``meta``
+            ctx.tool_s += elapsed
             if telemetry is not None:
                 ok = slot.response is not None and slot.response.ok
                 telemetry.event("tool_end", {"duration_ms": elapsed * 1000},

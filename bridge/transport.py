@@ -64,6 +64,7 @@ class FrameWriter:
         self.frames_out = 0
         self.bytes_out = 0
         self.broken = anyio.Event()
+        self.dead = False  # ``broken.is_set()`` as a plain attribute: read for every frame
         self.tap: Any = None  # optional callable(frame) observing every frame sent
         self._buf = bytearray()
         self._wake = anyio.Event()
@@ -75,13 +76,13 @@ class FrameWriter:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
         returns its encoded size.  Never blocks."""
         data = framing.encode(frame, extra)
-        if self.tap is not None and not self.broken.is_set():
+        if self.tap is not None and not self.dead:
             self.tap(framing.unpack_body(data[framing.HEADER.size:]).body if extra else frame)
         return self.queue(data)
 
     def queue(self, data: bytes, frames: int = 1) -> int:
         """Queue ``frames`` already-encoded frames (the tap is the caller's business)."""
-        if self.broken.is_set():
+        if self.dead:
             return len(data)
         self._buf += data
         self.frames_out += frames
@@ -151,6 +152,7 @@ class FrameWriter:
 
     def _break(self) -> None:
         self._buf.clear()
+        self.dead = True
         self.broken.set()
         self._drained.set()
 
