@@ -13,25 +13,15 @@ from typing import Callable
 
 from . import ab
 from . import scenarios as s
-from .harness import BRIDGE, FLOOR, ROOT, Peer
+from .harness import BRIDGE, FLOOR, ROOT, Peer, alternate
 
 Row = tuple[str, float | None, float | None, str, str]
 
 
 def measure(fn: Callable[[Peer], float], reps: int, floor: bool = True) -> tuple[float, float | None]:
     """Median of ``reps`` runs on a warm worker, and on a warm floor loop when ``floor``."""
-    peers = {"bridge": Peer(BRIDGE), "floor": Peer(FLOOR) if floor else None}
-    results: dict[str, list[float]] = {"bridge": [], "floor": []}
-    try:
-        for _ in range(reps):
-            for name, peer in peers.items():
-                if peer is not None:
-                    results[name].append(fn(peer))
-    finally:
-        for peer in peers.values():
-            if peer is not None:
-                peer.close()
-    return statistics.median(results["bridge"]), statistics.median(results["floor"]) if floor else None
+    results = alternate([Peer(BRIDGE), Peer(FLOOR)] if floor else [Peer(BRIDGE)], fn, reps)
+    return statistics.median(results[0]), statistics.median(results[1]) if floor else None
 
 
 def verdict(value: float, target: float, higher_is_better: bool) -> str:

@@ -17,7 +17,7 @@ import sys
 from typing import Callable
 
 from . import scenarios as s
-from .harness import BRIDGE, Peer
+from .harness import BRIDGE, Peer, alternate
 
 SCENARIOS: dict[str, tuple[int, Callable[[Peer, int], float]]] = {
     "echo": (60_000, lambda p, n: s.echo_pipelined_per_s(p, n)),
@@ -35,19 +35,14 @@ def run(variants: list[str], scenario: str, reps: int, n: int | None = None) -> 
     """Median rate (/s) and median worker CPU per item (µs) of each variant."""
     default_n, fn = SCENARIOS[scenario]
     n = n or default_n
-    peers = [spawn(v) for v in variants]
-    rates: list[list[float]] = [[] for _ in peers]
-    cpu: list[list[float]] = [[] for _ in peers]
-    try:
-        for _ in range(reps):
-            for i, peer in enumerate(peers):
-                before = peer.cpu_s()
-                rates[i].append(fn(peer, n))
-                cpu[i].append((peer.cpu_s() - before) / n * 1e6)
-    finally:
-        for peer in peers:
-            peer.close()
-    return [(v, statistics.median(r), statistics.median(c)) for v, r, c in zip(variants, rates, cpu)]
+    def timed(peer: Peer) -> tuple[float, float]:
+        before = peer.cpu_s()
+        rate = fn(peer, n)
+        return rate, (peer.cpu_s() - before) / n * 1e6
+
+    results = alternate([spawn(v) for v in variants], timed, reps)
+    return [(v, statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
+            for v, runs in zip(variants, results)]
 
 
 def main(argv: list[str] | None = None) -> int:

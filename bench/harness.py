@@ -11,13 +11,14 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import msgpack
 
 from bridge import framing
 
 HEADER = framing.HEADER
+T = TypeVar("T")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BRIDGE = [sys.executable, "-m", "bridge", "serve", "--diagnostics"]
@@ -107,6 +108,20 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def alternate(peers: list[Peer], fn: Callable[[Peer], T], reps: int) -> list[list[T]]:
+    """``fn`` run ``reps`` times on each peer, alternating (the machine drifts between runs);
+    the peers are closed at the end.  Results are per peer, in ``peers`` order."""
+    results: list[list[T]] = [[] for _ in peers]
+    try:
+        for _ in range(reps):
+            for out, peer in zip(results, peers):
+                out.append(fn(peer))
+    finally:
+        for peer in peers:
+            peer.close()
+    return results
 
 
 def median(values: list[float]) -> float:

@@ -88,11 +88,13 @@ class LmUsage:
         self.calls = self.input_tokens = self.output_tokens = self.cache_hits = 0
         self.cost_usd: float | None = None  # None until some LM reports a cost
 
-    def add(self, input_tokens: int, output_tokens: int, cost: float | None, cache_hit: bool) -> None:
-        self.calls += 1
+    def add(self, input_tokens: int, output_tokens: int, cost: float | None, cache_hits: int,
+            calls: int = 1) -> None:
+        """``calls`` LM calls (one, as they happen; or a request's totals from its ``meta``)."""
+        self.calls += calls
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        self.cache_hits += cache_hit
+        self.cache_hits += cache_hits
         if cost is not None:
             self.cost_usd = (self.cost_usd or 0.0) + cost
 

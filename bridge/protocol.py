@@ -193,5 +193,9 @@ def rpc_request(rpc_id: int, rid: RequestId, tool: str, args: list, kwargs: dict
             "kwargs": kwargs, "timeout_ms": timeout_ms}
 
 
+def telemetry(rid: RequestId, event: str, measurements: dict, metadata: dict) -> dict:
+    return {"type": "telemetry", "id": rid, "event": event, "measurements": measurements, "metadata": metadata}
+
+
 def rpc_cancel(rpc_id: int) -> dict:
     return {"type": "rpc_cancel", "rpc_id": rpc_id}

@@ -332,11 +332,7 @@ class Server:
             run += 1
         if run:
             self.metrics.record(run_command, ms, None, now, run)
-        writer = self.writer
-        if writer.tap is not None:
-            for data in encoded:
-                writer.tap(framing.unpack_body(data[framing.HEADER.size:]).body)
-        writer.queue(b"".join(encoded), len(encoded))
+        self.writer.send_encoded(encoded)
 
     async def _run(self, entry: Entry, req: protocol.Request, state: Inflight) -> None:
         ctx = state.ctx

@@ -12,12 +12,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import protocol
+
 if TYPE_CHECKING:
     from .context import Context
-
-def frame(rid: Any, event: str, measurements: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "telemetry", "id": rid, "event": event, "measurements": measurements, "metadata": metadata}
-
 
 class Telemetry:
     """The event sink of one request that opted in."""
@@ -32,7 +30,7 @@ class Telemetry:
     def event(self, name: str, measurements: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
         """Send one event from the loop or from any thread; dropped once the request has ended."""
         ctx = self.ctx
-        body = frame(ctx.id, name, measurements, {"command": ctx.command, **(metadata or {})})
+        body = protocol.telemetry(ctx.id, name, measurements, {"command": ctx.command, **(metadata or {})})
         server = ctx.server
         if threading.get_ident() == server.loop_thread:
             self._send(body)
@@ -58,8 +56,9 @@ class Telemetry:
         """``stop`` or ``exception``, written right before the terminal frame (the request is closed)."""
         ctx = self.ctx
         if terminal["type"] == "result":
-            body = frame(ctx.id, "stop", meta, {"command": ctx.command})
+            body = protocol.telemetry(ctx.id, "stop", meta, {"command": ctx.command})
         else:
-            body = frame(ctx.id, "exception", meta, {"command": ctx.command, "error_type": terminal["error"]["type"]})
+            body = protocol.telemetry(ctx.id, "exception", meta,
+                                      {"command": ctx.command, "error_type": terminal["error"]["type"]})
         ctx.server.writer.send(body)
 

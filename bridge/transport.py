@@ -25,6 +25,11 @@ EAGER_BYTES = 512  # pending output written at once, so the host starts on it wh
 F_SETPIPE_SZ = 1031
 
 
+def _decoded(data: bytes) -> Any:
+    """An encoded frame's map again, for the tap."""
+    return framing.unpack_body(data[framing.HEADER.size:]).body
+
+
 def prepare_fd(fd: int, pipe_size: int = 1024 * 1024) -> None:
     """Make ``fd`` non-blocking and, for pipes, widen the kernel buffer (fewer wake-ups)."""
     os.set_blocking(fd, False)
@@ -77,11 +82,17 @@ class FrameWriter:
         returns its encoded size.  Never blocks."""
         data = framing.encode(frame, extra)
         if self.tap is not None and not self.dead:
-            self.tap(framing.unpack_body(data[framing.HEADER.size:]).body if extra else frame)
-        return self.queue(data)
+            self.tap(_decoded(data) if extra else frame)
+        return self._append(data, 1)
 
-    def queue(self, data: bytes, frames: int = 1) -> int:
-        """Queue ``frames`` already-encoded frames (the tap is the caller's business)."""
+    def send_encoded(self, frames: list[bytes]) -> int:
+        """Queue frames that are already encoded, in one append (a group of replies)."""
+        if self.tap is not None and not self.dead:
+            for data in frames:
+                self.tap(_decoded(data))
+        return self._append(b"".join(frames), len(frames))
+
+    def _append(self, data: bytes, frames: int) -> int:
         if self.dead:
             return len(data)
         self._buf += data
@@ -111,7 +122,7 @@ class FrameWriter:
         """Write what the batch produced now, from the caller; the writer task gets any rest."""
         self._corked = False
         buf = self._buf
-        if buf and not self.broken.is_set():
+        if buf and not self.dead:
             self._write_now()
         if buf and not self._scheduled:
             self._scheduled = True
@@ -123,12 +134,12 @@ class FrameWriter:
 
     async def wait_drained(self) -> None:
         """Wait until the buffer is back under the high-water mark."""
-        while self.congested and not self.broken.is_set():
+        while self.congested and not self.dead:
             await self._drained.wait()
 
     async def run(self) -> None:
         """The writer task: flush whatever accumulated each time it is woken."""
-        while not self.broken.is_set():
+        while not self.dead:
             await self._wake.wait()
             self._wake = anyio.Event()
             self._scheduled = False
@@ -162,7 +173,7 @@ class FrameWriter:
         poller = select.poll()
         poller.register(self.fd, select.POLLOUT)
         buf = self._buf
-        while buf and not self.broken.is_set():
+        while buf and not self.dead:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

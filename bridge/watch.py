@@ -105,12 +105,14 @@ class Tally:
 
 
 def _add_usage(usage: LmUsage, lm: dict[str, Any]) -> None:
-    """Sum one request's ``meta.lm`` into ``usage`` (``LmUsage.add`` takes one call at a time)."""
-    for name in ("calls", "input_tokens", "output_tokens", "cache_hits"):
+    """Sum one request's ``meta.lm`` into ``usage``; what is not a number counts as 0 (or no cost)."""
+    def count(name: str) -> int:
         value = lm.get(name)
-        setattr(usage, name, getattr(usage, name) + (value if isinstance(value, int) else 0))
-    if isinstance(lm.get("cost_usd"), (int, float)):
-        usage.cost_usd = (usage.cost_usd or 0.0) + lm["cost_usd"]
+        return value if isinstance(value, int) else 0
+
+    cost = lm.get("cost_usd")
+    usage.add(count("input_tokens"), count("output_tokens"), cost if isinstance(cost, (int, float)) else None,
+              count("cache_hits"), count("calls"))
 
 
 class Follower:
