@@ -1,26 +1,33 @@
 """``python -m bench``: every figure for the worker beside the floor loop, in one run.
 
-Each figure is measured ``--reps`` times, alternating the two peers, and the
-median is shown with the ratio; targets come from issue 7.
+The table of record drives both from an Erlang VM through a real port
+(``bench/port_driver.escript``, targets from issue 18); the second table drives
+them from a lean Python host (targets from issue 7).  Each figure is measured
+``--reps`` times, alternating the two peers, and the median is shown with the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
+import os
 import statistics
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from . import ab
 from . import scenarios as s
 from .harness import BRIDGE, FLOOR, ROOT, Peer, alternate
+from .port import INPROC, Driver, port_peer
 
 Row = tuple[str, float | None, float | None, str, str]
 
 
-def measure(fn: Callable[[Peer], float], reps: int, floor: bool = True) -> tuple[float, float | None]:
-    """Median of ``reps`` runs on a warm worker, and on a warm floor loop when ``floor``."""
-    results = alternate([Peer(BRIDGE), Peer(FLOOR)] if floor else [Peer(BRIDGE)], fn, reps)
+def measure(fn: Callable[[Any], float], reps: int, floor: bool = True,
+            spawn: Callable[[list[str]], Any] = Peer) -> tuple[float, float | None]:
+    """Median of ``reps`` runs on a warm worker, and on a warm floor loop when ``floor``;
+    ``spawn`` makes a peer from an argv (``Peer``: the Python host; ``port_peer``: the BEAM)."""
+    results = alternate([spawn(BRIDGE), spawn(FLOOR)] if floor else [spawn(BRIDGE)], fn, reps)
     return statistics.median(results[0]), statistics.median(results[1]) if floor else None
 
 
@@ -29,10 +36,68 @@ def verdict(value: float, target: float, higher_is_better: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-def rows(reps: int, scale: float) -> list[Row]:
-    def n(x: int) -> int:
-        return max(1, int(x * scale))
+def scaler(scale: float) -> Callable[[int], int]:
+    return lambda x: max(1, int(x * scale))
 
+
+def port_rows(reps: int, scale: float) -> list[Row]:
+    """The figures of record: both peers behind a real Erlang port, timed from the BEAM's send."""
+    n = scaler(scale)
+    out: list[Row] = []
+
+    def both(scenario: str, *ints: int, runs: int = reps) -> tuple[float, float]:
+        ours, floor = measure(lambda p: p.value(scenario, *ints), runs, spawn=port_peer)
+        return ours, floor  # type: ignore[return-value]
+
+    def rate_row(name: str, scenario: str, ints: tuple[int, ...], target: float) -> None:
+        ours, floor = both(scenario, *ints)
+        out.append((f"{name} (/s)", ours, floor, f"{ours / floor:.2f}",
+                    f">= {target:.0%} of floor: {verdict(ours / floor, target, True)}" if target else ""))
+
+    seq, seq_floor = both("echo_seq", n(3000))
+    out.append(("echo, 1 in flight (round trips/s)", 1e6 / seq, 1e6 / seq_floor, f"{seq_floor / seq:.2f}", ""))
+    out.append(("echo latency, 1 in flight (µs, median)", seq, seq_floor, f"{seq / seq_floor:.2f}",
+                f"<= 1.5x floor: {verdict(seq / seq_floor, 1.5, False)}"))
+    rate_row("echo, 100 in flight", "echo_pipe", (n(60_000), 100), 0.6)
+    rate_row("stream, int chunks", "stream", (n(200_000), 0), 0.6)
+    rate_row("stream, 1 KiB chunks", "stream", (n(100_000), 1024), 0.0)
+    first, first_floor = both("first_chunk", n(1000))
+    out.append(("time to first chunk (ms, median)", first, first_floor, f"{first / first_floor:.2f}",
+                f"<= 1 ms: {verdict(first, 1, False)}"))
+    rate_row("tool round trips, 1 in flight", "tool", (n(10_000), 1), 0.0)
+    rate_row("tool round trips, 100 in flight", "tool", (n(50_000), 100), 0.6)
+    ready, ready_floor = both("start_ready", runs=max(reps, 5))
+    out.append(("start to ready (ms, median)", ready, ready_floor, f"{ready / ready_floor:.2f}",
+                f"<= 2.5x floor: {verdict(ready / ready_floor, 2.5, False)}"))
+    out.extend(_port_ping_under_load(n(1000)))
+    out.append(_dspy_call_overhead(reps, n(1000)))
+    return out
+
+
+def _port_ping_under_load(pings: int) -> list[Row]:
+    """Ping while 8 ``dspy.stream`` and a 4-lane ``dspy.batch`` run (scripted engine, 1 ms per token)."""
+    peer = port_peer(BRIDGE)
+    try:
+        got = peer.run("ping_load", pings, 8, 4)
+    finally:
+        peer.close()
+    load = f"under 8 streams + 4-lane batch, {got['load_frames_per_s']:,.0f} frames/s"
+    return [(f"ping p50 {load} (ms)", got["p50"], None, "", ""),
+            (f"ping p99 {load} (ms)", got["p99"], None, "", f"<= 5 ms: {verdict(got['p99'], 5, False)}")]
+
+
+def _dspy_call_overhead(reps: int, calls: int) -> Row:
+    """Sequential ``dspy.predict`` through the port against the same program's ``acall`` in-process;
+    the "floor" column holds the in-process figure here."""
+    worker, inproc = alternate([port_peer(BRIDGE), Driver(INPROC, warm=False)], lambda p: p.value("predict", calls), reps)
+    ours, base = statistics.median(worker), statistics.median(inproc)
+    return ("dspy.predict, 1 in flight, vs in-process acall (µs/call)", ours, base, f"{ours / base:.2f}",
+            f"<= 1.15x in-process: {verdict(ours / base, 1.15, False)}")
+
+
+def python_rows(reps: int, scale: float) -> list[Row]:
+    """The Python-host figures (issue 7): pre-encoded requests written in batches."""
+    n = scaler(scale)
     out: list[Row] = []
 
     def ratio_row(name: str, fn: Callable[[Peer], float], target: float, unit: str = "/s") -> None:
@@ -97,21 +162,31 @@ def fmt(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
+def print_table(title: str, table: list[Row]) -> None:
+    header = ("figure", "bridge", "floor", "ratio", "target")
+    cells = [(r[0], fmt(r[1]), fmt(r[2]), r[3], r[4]) for r in table]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *cells)]
+    print(f"\n{title}\n")
+    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for line in cells:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--reps", type=int, default=5, help="runs per figure; medians are shown")
     parser.add_argument("--quick", action="store_true", help="a tenth of the work, 1 rep: a smoke test")
+    parser.add_argument("--host", choices=("both", "port", "python"), default="both",
+                        help="port: the table of record (through an Erlang port); python: the Python-host "
+                             "table; both (default): the port table, then the Python-host table")
     opts = parser.parse_args(argv)
     reps, scale = (1, 0.1) if opts.quick else (opts.reps, 1.0)
-    table = rows(reps, scale)
-    header = ("figure", "bridge", "floor", "ratio", "target")
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *[(r[0], fmt(r[1]), fmt(r[2]), r[3], r[4])
-                                                                      for r in table])]
-    print(" | ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for r in table:
-        cells = (r[0], fmt(r[1]), fmt(r[2]), r[3], r[4])
-        print(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+    compileall.compile_dir(os.path.join(ROOT, "bridge"), quiet=1)  # start to ready is for compiled bytecode
+    if opts.host in ("both", "port"):
+        print_table("Through a real BEAM port (bench/port_driver.escript)", port_rows(reps, scale))
+    if opts.host in ("both", "python"):
+        print_table("From a Python host (bench/harness.py)", python_rows(reps, scale))
     return 0
 
 

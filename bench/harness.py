@@ -19,6 +19,7 @@ from bridge import framing
 
 HEADER = framing.HEADER
 T = TypeVar("T")
+P = TypeVar("P")  # a Peer, or a bench.port.Driver: anything with close()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BRIDGE = [sys.executable, "-m", "bridge", "serve", "--diagnostics"]
@@ -86,16 +87,7 @@ class Peer:
                     return frame
 
     def cpu_s(self) -> float:
-        """CPU time the worker's threads have used so far, in ns-resolution (schedstat): steadier
-        than wall-clock rates on a noisy machine."""
-        total = 0
-        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
-            try:
-                with open(f"/proc/{self.proc.pid}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except FileNotFoundError:  # a thread that just ended
-                pass
-        return total / 1e9
+        return cpu_s(self.proc.pid)
 
     def rss(self) -> int:
         with open(f"/proc/{self.proc.pid}/statm") as f:
@@ -110,7 +102,20 @@ class Peer:
             self.proc.wait()
 
 
-def alternate(peers: list[Peer], fn: Callable[[Peer], T], reps: int) -> list[list[T]]:
+def cpu_s(pid: int) -> float:
+    """CPU time process ``pid``'s threads have used so far, in ns-resolution (schedstat): steadier
+    than wall-clock rates on a noisy machine."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def alternate(peers: list[P], fn: Callable[[P], T], reps: int) -> list[list[T]]:
     """``fn`` run ``reps`` times on each peer, alternating (the machine drifts between runs);
     the peers are closed at the end.  Results are per peer, in ``peers`` order."""
     results: list[list[T]] = [[] for _ in peers]
