@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any
 
-from .harness import BRIDGE, ROOT, cpu_s
+from .harness import ROOT, cpu_s
 
 DRIVER = os.path.join(ROOT, "bench", "port_driver.escript")
 INPROC = [sys.executable, "-m", "bench.inproc"]
