@@ -21,6 +21,7 @@ from .port import port_peer
 SCENARIOS: dict[str, tuple[str, ...]] = {
     "echo": ("echo_pipe", "60000", "100"),
     "latency": ("echo_seq", "3000"),
+    "ping_load": ("ping_load", "1000", "8", "4"),
     "stream": ("stream", "200000", "0"),
     "tool": ("tool", "50000", "100"),
     "predict": ("predict", "200"),
