@@ -47,7 +47,8 @@ def port_rows(reps: int, scale: float) -> list[Row]:
 
     def both(scenario: str, *ints: int, runs: int = reps) -> tuple[float, float]:
         ours, floor = measure(lambda p: p.value(scenario, *ints), runs, spawn=port_peer)
-        return ours, floor  # type: ignore[return-value]
+        assert floor is not None
+        return ours, floor
 
     def rate_row(name: str, scenario: str, ints: tuple[int, ...], target: float) -> None:
         ours, floor = both(scenario, *ints)
@@ -89,7 +90,8 @@ def _port_ping_under_load(pings: int) -> list[Row]:
 def _dspy_call_overhead(reps: int, calls: int) -> Row:
     """Sequential ``dspy.predict`` through the port against the same program's ``acall`` in-process;
     the "floor" column holds the in-process figure here."""
-    worker, inproc = alternate([port_peer(BRIDGE), Driver(INPROC, warm=False)], lambda p: p.value("predict", calls), reps)
+    worker, inproc = alternate([port_peer(BRIDGE), Driver(INPROC, warm=False)],
+                               lambda p: p.value("predict", calls), reps)
     ours, base = statistics.median(worker), statistics.median(inproc)
     return ("dspy.predict, 1 in flight, vs in-process acall (µs/call)", ours, base, f"{ours / base:.2f}",
             f"<= 1.15x in-process: {verdict(ours / base, 1.15, False)}")
