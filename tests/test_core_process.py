@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import struct
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import framing
-from bridge.client import RemoteError, Worker
-from tests.conftest import ROOT, TEST_HANDLERS, spawn
+from bridge import RemoteError, Worker
+from bridge.wire import framing
+from tests.conftest import ROOT, spawn
 
 
 def wait_for_text(path, text: str, timeout: float = 3.0) -> None:
