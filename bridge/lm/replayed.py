@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bridge.lm.engines import OfflineEngine, Reply
+from bridge.lm.offline import OfflineEngine, Reply
 from bridge.lm.recording import request_key, request_record
 
 if TYPE_CHECKING:

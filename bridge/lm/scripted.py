@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bridge.lm.engines import OfflineEngine, int_option
+from bridge.lm.offline import OfflineEngine, int_option
 
 if TYPE_CHECKING:
     from dspy.lm15 import Request

@@ -12,7 +12,8 @@ import os
 import threading
 from typing import Any
 
-from bridge.lm.engines import force_engine, int_option, register_engine
+from bridge.lm.engines import force_engine, register_engine
+from bridge.lm.offline import int_option
 from bridge.lm.replayed import RecordedCalls, ReplayEngine, check_speed
 from bridge.transcripts.format import load
 from bridge.wire.errors import TranscriptError

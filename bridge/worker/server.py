@@ -1,9 +1,11 @@
-"""The worker's event loop: read frames, dispatch requests, write chunks and results.
+"""The worker's event loop: read frames and dispatch them; terminal frames go through ``respond``.
 
 One anyio task group owns everything: the reader (this module), the writer
 task, the signal watcher, the session sweeper, warm-ups, and one task per
 non-inline request.  Requests are cancelled through their own cancel scopes;
-the reader never blocks on a handler.
+the reader never blocks on a handler.  A sync handler runs in a worker thread,
+which a cancel or timeout abandons: the request ends at once, and the thread
+runs on until the handler returns (it can poll ``ctx.cancelled``).
 """
 
 from __future__ import annotations
@@ -333,6 +335,7 @@ class Server:
         self.respond.finish(ctx, frame)
 
     async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
+        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel)."""
         kind = entry.kind
         if kind is Kind.ASYNC:
             return await entry.fn(args, ctx)

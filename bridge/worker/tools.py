@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import anyio
 
@@ -30,10 +30,20 @@ from bridge.wire import protocol
 from bridge.wire.errors import RequestClosed, ToolError
 
 if TYPE_CHECKING:
-    from bridge.worker.context import Context
     from bridge.worker.transport import FrameWriter
 
 log = logging.getLogger("bridge.tools")
+
+
+class Caller(Protocol):
+    """The request a call is made for (a ``worker.context.Context``): what the bridge reads and counts."""
+
+    id: Any
+    closed: bool
+    parked: set["Slot"]
+    telemetry: Any
+    tool_calls: int
+    tool_s: float
 
 
 class Slot:
@@ -77,7 +87,7 @@ class ToolBridge:
     def parked(self) -> int:
         return len(self._slots)
 
-    async def call(self, ctx: "Context", tool: str, args: list, kwargs: dict, timeout_ms: int | None = None,
+    async def call(self, ctx: "Caller", tool: str, args: list, kwargs: dict, timeout_ms: int | None = None,
                    announce: Callable[[int], Awaitable[None]] | None = None) -> Any:
         """Send one ``rpc_request`` for ``ctx``'s request and wait for the answer.
 
@@ -161,11 +171,11 @@ _TIMEOUT = "timeout"
 CLOSED = "closed"  # the request ended (used by ``Context.close``)
 
 
-def _closed(ctx: "Context", tool: str) -> Exception:
+def _closed(ctx: "Caller", tool: str) -> Exception:
     return RequestClosed(f"request {ctx.id!r} ended while tool {tool!r} was parked")
 
 
-def _outcome(slot: Slot, tool: str, timeout_ms: int, ctx: "Context") -> Any:
+def _outcome(slot: Slot, tool: str, timeout_ms: int, ctx: "Caller") -> Any:
     response = slot.response
     if response is not None:
         if response.ok:
