@@ -14,6 +14,9 @@ from functools import partial
 from typing import Any, Callable
 
 SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+TTY_NOTE = ("bridge serve speaks packet-4 msgpack frames on stdin/stdout, for an Erlang port or bridge.Worker; "
+            "from a shell, try: echo '{\"type\":\"request\",\"id\":1,\"command\":\"ping\"}' "
+            "| dspy-bridge encode | dspy-bridge serve | dspy-bridge decode")
 
 
 def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -24,7 +27,11 @@ def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 def build_parser() -> argparse.ArgumentParser:
     from bridge.worker.options import add_serve_options
 
+    from bridge import __version__
+    from bridge.wire.protocol import PROTOCOL_VERSION
+
     parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
+    parser.add_argument("--version", action="version", version=f"bridge {__version__} (protocol {PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command")
     add_serve_options(sub.add_parser("serve", help="run the worker (default)"))
     sub.add_parser("demo", help="a ReAct agent with two host tools on the scripted LM (no key, no network)")
@@ -59,6 +66,10 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     else:
         in_fd, out_fd = 0, stdio.claim_stdout()
     stdio.setup_logging(opts.log_level)
+    if os.isatty(in_fd):
+        print(TTY_NOTE, file=sys.stderr)
+    if opts.handlers and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --handlers my_module finds ./my_module.py, as with python -m
     # DSPy work runs in threads; a thread wanting the GIL waits up to one switch interval.
     # 1 ms instead of 5 ms keeps the loop (pings, frames) responsive under DSPy load.
     sys.setswitchinterval(0.001)
@@ -172,6 +183,9 @@ def cmd_decode(opts: argparse.Namespace) -> int:
 
     decoder, status = framing.Decoder(max_frame_bytes=2**32 - 1), 0
     stdin = sys.stdin.buffer
+    if framing.looks_like_json(stdin.peek(4)[:4]):
+        print(f"bridge decode: {framing.JSON_HINT}", file=sys.stderr)
+        return 1
     while data := stdin.read1(65536):
         for event in decoder.feed(data):
             status |= _print_event(event)
@@ -186,13 +200,13 @@ def _print_event(event: object) -> int:
     if isinstance(event, framing.Frame):
         print(jsontags.dumps(event.body), flush=True)
         return 0
-    print(f"bridge decode: {event}", file=sys.stderr)
+    print(f"bridge decode: {framing.describe(event)}", file=sys.stderr)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
-        argv = ["serve", *argv]
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]  # serve is the default; a mistyped subcommand is an invalid choice
     opts = build_parser().parse_args(argv)
     return SUBCOMMANDS[opts.command](opts)

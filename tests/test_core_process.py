@@ -371,7 +371,7 @@ def test_no_child_process_outlives_the_worker(worker):
 
 def test_the_shell_pipe_example_from_the_readme():
     line = '{"type":"request","id":1,"command":"ping"}'
-    out = subprocess.run(["bash", "-c", f"printf '%s\\n' '{line}' | bridge encode | bridge serve | bridge decode"],
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' '{line}' | dspy-bridge encode | dspy-bridge serve | dspy-bridge decode"],
                          capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

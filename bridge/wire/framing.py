@@ -38,6 +38,7 @@ class FrameTooLarge(NamedTuple):
 
     size: int
     limit: int
+    header: bytes = b""  # the four length bytes: JSON text sent by mistake shows here
 
 
 class Truncated(NamedTuple):
@@ -98,6 +99,26 @@ def unpack_body(body: bytes | memoryview) -> Frame | BadFrame:
     return Frame(obj)
 
 
+JSON_HINT = "this looks like JSON, not a frame; pipe JSON lines through `bridge encode` first"
+
+
+def looks_like_json(header: bytes) -> bool:
+    """Four length bytes that are the start of a JSON object or array (``{"ty``, ``[{"``)."""
+    return header[:2] in (b'{"', b"[{", b'["')
+
+
+def describe(event: Event) -> str:
+    """A bad frame event in plain words, for error frames and ``bridge decode``."""
+    if isinstance(event, BadFrame):
+        return f"{event.reason} ({event.size} bytes)"
+    if isinstance(event, FrameTooLarge):
+        text = f"frame of {event.size} bytes exceeds --max-frame-bytes={event.limit}; it was skipped"
+        return f"{text}; {JSON_HINT}" if looks_like_json(event.header) else text
+    if isinstance(event, Truncated):
+        return f"input ended inside a frame ({event.have} of {event.want} bytes)"
+    return "a frame"
+
+
 class Decoder:
     """Incremental decoder: ``feed`` any cut of the byte stream, get whole-frame events.
 
@@ -126,7 +147,7 @@ class Decoder:
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(buf, pos)
                 if size > self.max_frame_bytes:
-                    events.append(FrameTooLarge(size, self.max_frame_bytes))
+                    events.append(FrameTooLarge(size, self.max_frame_bytes, bytes(buf[pos:pos + 4])))
                     available = end - pos - 4
                     pos += 4 + min(size, available)
                     self._skip = size - min(size, available)

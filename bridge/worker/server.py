@@ -205,16 +205,15 @@ class Server:
         if isinstance(event, framing.Frame):
             self._dispatch(protocol.parse(event.body))
         elif isinstance(event, framing.FrameTooLarge):
-            self.respond.peer_error(protocol.error(
-                None, ErrorType.FRAME_TOO_LARGE,
-                f"frame of {event.size} bytes exceeds --max-frame-bytes={event.limit}; it was skipped",
-                {"size": event.size, "limit": event.limit}))
+            if framing.looks_like_json(event.header):
+                log.warning("%s", framing.JSON_HINT)
+            self.respond.peer_error(protocol.error(None, ErrorType.FRAME_TOO_LARGE,
+                                                   framing.describe(event),
+                                                   {"size": event.size, "limit": event.limit}))
         elif isinstance(event, framing.BadFrame):
             self.respond.peer_error(protocol.error(None, ErrorType.BAD_FRAME, event.reason, {"size": event.size}))
         else:
-            self.respond.peer_error(protocol.error(
-                None, ErrorType.BAD_FRAME,
-                f"input ended inside a frame ({event.have} of {event.want} bytes)"))
+            self.respond.peer_error(protocol.error(None, ErrorType.BAD_FRAME, framing.describe(event)))
 
     def _dispatch(self, event: protocol.Event) -> None:
         if isinstance(event, protocol.Request):

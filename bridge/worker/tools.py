@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from bridge.worker.transport import FrameWriter
 
 log = logging.getLogger("bridge.tools")
+HOST_CLOSED = ("the host closed its input, so no tool answer can arrive: host tools need a live host "
+               "(an Erlang port or bridge.Worker), not a shell pipe")
 
 
 class Caller(Protocol):
@@ -95,7 +97,7 @@ class ToolBridge:
         can tell the host which call is coming (ReAct's ``tool_call`` chunk).
         """
         if self._input_closed:
-            raise ToolError("host_closed", "the host closed its input; no tool answer can arrive")
+            raise ToolError("host_closed", HOST_CLOSED)
         if ctx.closed:
             raise _closed(ctx, tool)
         timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
@@ -143,7 +145,7 @@ class ToolBridge:
         """The host's input reached EOF: fail every parked call now, none can be answered."""
         self._input_closed = True
         for slot in self._slots.values():
-            slot.finish("the host closed its input while the call was parked")
+            slot.finish(HOST_CLOSED)
 
     async def run_timer(self) -> None:
         """Expire overdue calls.  Sleeps until the earliest deadline, or until woken."""
