@@ -15,7 +15,7 @@ from typing import Any, Callable, TypeVar
 
 import msgpack
 
-from bridge import framing
+from bridge.wire import framing
 
 HEADER = framing.HEADER
 T = TypeVar("T")

@@ -20,7 +20,7 @@ ANSWER = " ".join(f"word{i}" for i in range(1, 21))  # the driver's answer_text(
 async def predict_us(n: int) -> float:
     import dspy
 
-    from bridge.lm import build_lm
+    from bridge.lm.engines import build_lm
 
     lm = build_lm("scripted/bench", {"script": [{"when": {}, "reply": {"answer": ANSWER}}]})
     program = dspy.Predict("question -> answer")

@@ -6,7 +6,7 @@ import time
 
 import msgpack
 
-from bridge import framing
+from bridge.wire import framing
 
 from .harness import Peer, median
 

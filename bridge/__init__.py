@@ -1,15 +1,25 @@
 """bridge: a DSPy worker for Erlang/Elixir hosts, speaking packet-4 msgpack frames over a port.
 
-The public API for handler authors is small: ``handler`` to register a command,
-``Context`` (the second argument of every handler), ``PeerError`` for errors the
-host caused, and ``ToolError`` for a host tool's error answer.
+The public API: ``handler`` registers a command, ``PeerError`` is an error the
+host caused, ``ToolError`` a host tool's error answer; ``Worker``, ``Call`` and
+``RemoteError`` are the Python host (loaded on first use, so the worker never
+imports them).
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .context import Context, RequestClosed  # noqa: E402
-from .protocol import PeerError  # noqa: E402
-from .registry import handler  # noqa: E402
-from .tools import ToolError  # noqa: E402
+from bridge.wire.errors import PeerError, ToolError  # noqa: E402
+from bridge.worker.registry import handler  # noqa: E402
 
-__all__ = ["Context", "PeerError", "RequestClosed", "ToolError", "__version__", "handler"]
+__all__ = ["Call", "PeerError", "RemoteError", "ToolError", "Worker", "__version__", "handler"]
+_HOST = ("Worker", "Call", "RemoteError")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOST:
+        from bridge.host import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'bridge' has no attribute {name!r}")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from functools import partial
 import sys
+from functools import partial
 from typing import Any, Callable
 
 SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+TTY_NOTE = ("bridge serve speaks packet-4 msgpack frames on stdin/stdout, for an Erlang port or bridge.Worker; "
+            "from a shell, try: echo '{\"type\":\"request\",\"id\":1,\"command\":\"ping\"}' "
+            "| dspy-bridge encode | dspy-bridge serve | dspy-bridge decode")
 
 
 def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -21,50 +24,14 @@ def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
     return fn
 
 
-def _fds(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected IN,OUT, e.g. 3,4") from None
-    return a, b
-
-
-def add_serve_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fds", type=_fds, metavar="IN,OUT",
-                   help="read and write frames on these descriptors (Erlang nouse_stdio: 3,4)")
-    p.add_argument("--log-level", default="warning",
-                   choices=["debug", "info", "warning", "error", "critical"])
-    p.add_argument("--handlers", action="append", default=[], metavar="MODULE",
-                   help="import this module of @handler functions (repeatable)")
-    p.add_argument("--diagnostics", action="store_true",
-                   help="also serve stream_count, sleep and rpc_loop (benchmarks, health checks)")
-    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--max-threads", type=int, default=32, help="worker threads for sync handlers")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on shutdown")
-    p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
-    p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
-    p.add_argument("--max-inflight", type=int, default=10_000,
-                   help="requests running at once; more are refused with 'overloaded'")
-    p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
-                   help="module prefix the 'call' command may reach (repeatable; default: dspy)")
-    p.add_argument("--no-meta", dest="meta", action="store_false",
-                   help="leave 'meta' off terminal frames (the benchmark's baseline for its cost)")
-    p.add_argument("--telemetry", action="store_true",
-                   help="send telemetry frames for every request, not only those with telemetry: true")
-    p.add_argument("--slow-chunk-ms", type=float, default=100.0, metavar="MS",
-                   help="a gap between two chunks longer than this is a slow_chunk telemetry event")
-    p.add_argument("--record", metavar="PATH", help="write a transcript: every frame and LM call (JSON Lines)")
-    p.add_argument("--record-append", action="store_true",
-                   help="append to PATH as a new segment (a restarted worker) instead of replacing it")
-    p.add_argument("--replay-lm", metavar="PATH", help="answer every LM call from this transcript's recorded ones")
-    p.add_argument("--replay-segment", type=int, metavar="N", help="with --replay-lm: only segment N's calls")
-    p.add_argument("--replay-speed", type=float, metavar="X",
-                   help="with --replay-lm: recorded LM pacing, X times faster (default: no waiting)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from bridge.worker.options import add_serve_options
+
+    from bridge import __version__
+    from bridge.wire.protocol import PROTOCOL_VERSION
+
     parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
+    parser.add_argument("--version", action="version", version=f"bridge {__version__} (protocol {PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command")
     add_serve_options(sub.add_parser("serve", help="run the worker (default)"))
     sub.add_parser("demo", help="a ReAct agent with two host tools on the scripted LM (no key, no network)")
@@ -91,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_subcommand
 def cmd_serve(opts: argparse.Namespace) -> int:
-    from . import stdio
+    from bridge.worker import stdio
 
     if opts.fds:
         in_fd, out_fd = opts.fds
@@ -99,6 +66,10 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     else:
         in_fd, out_fd = 0, stdio.claim_stdout()
     stdio.setup_logging(opts.log_level)
+    if os.isatty(in_fd):
+        print(TTY_NOTE, file=sys.stderr)
+    if opts.handlers and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # --handlers my_module finds ./my_module.py, as with python -m
     # DSPy work runs in threads; a thread wanting the GIL waits up to one switch interval.
     # 1 ms instead of 5 ms keeps the loop (pings, frames) responsive under DSPy load.
     sys.setswitchinterval(0.001)
@@ -106,25 +77,22 @@ def cmd_serve(opts: argparse.Namespace) -> int:
 
     import anyio
 
-    from .registry import REGISTRY
-    from .server import Config, Server
+    from bridge.worker.options import config_from
+    from bridge.worker.registry import REGISTRY
+    from bridge.worker.server import Server
 
-    modules = ["bridge.handlers.core", "bridge.handlers.dspy", "bridge.handlers.pipeline", "bridge.handlers.optimize",
-               "bridge.handlers.calls"] + (["bridge.handlers.diagnostics"] if opts.diagnostics else [])
+    modules = ["bridge.commands.core", "bridge.commands.dspy", "bridge.commands.pipeline", "bridge.commands.optimize",
+               "bridge.commands.calls"] + (["bridge.commands.diagnostics"] if opts.diagnostics else [])
     for module in modules + opts.handlers:
         try:
             REGISTRY.load(module)
         except Exception as exc:
             print(f"bridge: cannot load handler module {module!r}: {exc!r}", file=sys.stderr)
             return 2
-    server = Server(Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
-                           max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
-                           tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                           max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"]),
-                           meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms))
-    from . import lm_metrics
+    server = Server(config_from(opts, in_fd, out_fd))
+    from bridge.observe import lm_usage
 
-    REGISTRY.warmup(partial(lm_metrics.install, server))
+    REGISTRY.warmup(partial(lm_usage.install, server.metrics.lm))
     try:
         _record_and_replay(opts, server, REGISTRY)
     except (OSError, ValueError) as exc:
@@ -146,22 +114,26 @@ def cmd_serve(opts: argparse.Namespace) -> int:
 
 
 def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> None:
-    """``--record``: a recorder for every frame, and the LM hook once DSPy is imported.
-    ``--replay-lm``: every LM answered from a transcript."""
+    """Transcripts plug into the worker here, so that neither ``worker`` nor ``lm`` imports them:
+    the ``replay/`` LM engine reads LM calls from a transcript; ``--record`` installs the
+    recorder as the frame tap and, once DSPy is imported, as the LM-recording hook's sink;
+    ``--replay-lm`` answers every LM from a transcript."""
+    from bridge.transcripts import replay_lm
+
+    replay_lm.install()
     if opts.record:
-        from . import lm_recording, transcript
+        from bridge.lm import recording
+        from bridge.transcripts.recorder import Recorder
 
-        server.recorder = transcript.Recorder.open(opts.record, vars(opts), append=opts.record_append)
-        registry.warmup(partial(lm_recording.install, server.recorder))
+        server.recorder = Recorder.open(opts.record, vars(opts), append=opts.record_append)
+        registry.warmup(partial(recording.install, server.recorder))
     if opts.replay_lm:
-        from .replay_engine import serve_every_lm
-
-        serve_every_lm(opts.replay_lm, opts.replay_segment, opts.replay_speed)
+        replay_lm.serve_every_lm(opts.replay_lm, opts.replay_segment, opts.replay_speed)
 
 
 @_subcommand
 def cmd_replay(opts: argparse.Namespace) -> int:
-    from . import replay
+    from bridge.host import replay
 
     return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout,
                       record=opts.record)
@@ -169,28 +141,28 @@ def cmd_replay(opts: argparse.Namespace) -> int:
 
 @_subcommand
 def cmd_transcript(opts: argparse.Namespace) -> int:
-    from . import chatlog
+    from bridge.transcripts import views as chatlog
 
     return chatlog.show_file(opts.path)
 
 
 @_subcommand
 def cmd_stats(opts: argparse.Namespace) -> int:
-    from . import watch
+    from bridge.transcripts import watch
 
     return watch.run(opts.path, watch=opts.watch, interval=opts.interval)
 
 
 @_subcommand
 def cmd_demo(opts: argparse.Namespace) -> int:
-    from . import demo
+    from bridge.host import demo
 
     return demo.run()
 
 
 @_subcommand
 def cmd_encode(opts: argparse.Namespace) -> int:
-    from . import framing, jsontags
+    from bridge.wire import framing, jsontags
 
     out, status = sys.stdout.buffer, 0
     for lineno, line in enumerate(sys.stdin, 1):
@@ -207,10 +179,13 @@ def cmd_encode(opts: argparse.Namespace) -> int:
 
 @_subcommand
 def cmd_decode(opts: argparse.Namespace) -> int:
-    from . import framing
+    from bridge.wire import framing
 
     decoder, status = framing.Decoder(max_frame_bytes=2**32 - 1), 0
     stdin = sys.stdin.buffer
+    if framing.looks_like_json(stdin.peek(4)[:4]):
+        print(f"bridge decode: {framing.JSON_HINT}", file=sys.stderr)
+        return 1
     while data := stdin.read1(65536):
         for event in decoder.feed(data):
             status |= _print_event(event)
@@ -220,18 +195,18 @@ def cmd_decode(opts: argparse.Namespace) -> int:
 
 
 def _print_event(event: object) -> int:
-    from . import framing, jsontags
+    from bridge.wire import framing, jsontags
 
     if isinstance(event, framing.Frame):
         print(jsontags.dumps(event.body), flush=True)
         return 0
-    print(f"bridge decode: {event}", file=sys.stderr)
+    print(f"bridge decode: {framing.describe(event)}", file=sys.stderr)
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
-        argv = ["serve", *argv]
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]  # serve is the default; a mistyped subcommand is an invalid choice
     opts = build_parser().parse_args(argv)
     return SUBCOMMANDS[opts.command](opts)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.client import RemoteError, Worker
+from bridge import RemoteError, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HANDLERS = "tests.handlers_for_tests"

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from bridge.client import RemoteError
+from bridge import RemoteError
 from tests.conftest import error_of, new_session_id, spawn
 
 SCRIPT = [{"when": {"question": "Capital of France?"}, "reply": {"reasoning": "It is Paris.", "answer": "Paris"}}]

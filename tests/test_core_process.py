@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import struct
 import subprocess
@@ -14,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge import framing
-from bridge.client import RemoteError, Worker
-from tests.conftest import ROOT, TEST_HANDLERS, spawn
+from bridge import RemoteError, Worker
+from bridge.wire import framing
+from tests.conftest import ROOT, spawn
 
 
 def wait_for_text(path, text: str, timeout: float = 3.0) -> None:
@@ -372,7 +371,7 @@ def test_no_child_process_outlives_the_worker(worker):
 
 def test_the_shell_pipe_example_from_the_readme():
     line = '{"type":"request","id":1,"command":"ping"}'
-    out = subprocess.run(["bash", "-c", f"printf '%s\\n' '{line}' | bridge encode | bridge serve | bridge decode"],
+    out = subprocess.run(["bash", "-c", f"printf '%s\\n' '{line}' | dspy-bridge encode | dspy-bridge serve | dspy-bridge decode"],
                          capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

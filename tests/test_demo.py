@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from bridge.demo import calculator, search
+from bridge.host.demo import calculator, search
 from tests.conftest import ROOT
 
 

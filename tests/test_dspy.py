@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from bridge.client import RemoteError
+from bridge import RemoteError
 from tests.conftest import ROOT, spawn
 
 QA = "question -> answer"
@@ -330,7 +330,7 @@ def test_a_saved_program_loads_in_a_fresh_worker(w, session):
 # ---- start-up ----------------------------------------------------------------------------------
 
 def test_the_handler_module_does_not_import_dspy():
-    code = "import sys, bridge.handlers.dspy; sys.exit('dspy' in sys.modules)"
+    code = "import sys, bridge.commands.dspy; sys.exit('dspy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dspy
 import pytest
 
-from bridge.lm import build_lm
+from bridge.lm.engines import build_lm
 
 
 def test_threads_share_one_script_and_each_reply_is_served_once():

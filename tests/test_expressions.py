@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.expressions import ExpressionError, parse
+from bridge.programs.expressions import parse
+from bridge.wire.errors import ExpressionError
 
 FIELDS = {"label": "spam", "score": 0.25, "n": 3, "tags": ["urgent", "sales"], "ok": True, "empty": "",
           "review": {"verdict": "keep", "notes": {"count": 2}}, "none": None}

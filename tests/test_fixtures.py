@@ -10,7 +10,7 @@ import io
 
 import pytest
 
-from bridge import replay
+from bridge.host import replay
 from tests.conftest import ROOT
 
 FIXTURES = sorted((ROOT / "fixtures").glob("*.jsonl"))

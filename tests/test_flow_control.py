@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from bridge import framing
+from bridge.wire import framing
 from tests.conftest import ROOT, spawn
 
 

@@ -3,12 +3,12 @@
 import struct
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge import framing, protocol
-from bridge.framing import BadFrame, Decoder, Frame, FrameTooLarge, Truncated
-from bridge.protocol import ErrorType
+from bridge.wire import framing, protocol
+from bridge.wire.errors import ErrorType
+from bridge.wire.framing import BadFrame, Decoder, Frame, FrameTooLarge, Truncated
 
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
            | st.floats(allow_nan=False) | st.text() | st.binary())

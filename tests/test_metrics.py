@@ -6,11 +6,12 @@ import time
 
 import pytest
 
-from bridge import framing
-from bridge.client import Call, RemoteError
-from bridge.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
+from bridge import Call, RemoteError
+from bridge.observe.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
+from bridge.wire import framing
 from tests.conftest import new_session_id, spawn
-from tests.test_react import SCRIPT as REACT_SCRIPT, TOOLS, react_args
+from tests.test_react import SCRIPT as REACT_SCRIPT
+from tests.test_react import TOOLS, react_args
 
 META_KEYS = {"duration_ms", "queue_ms", "first_chunk_ms", "chunks", "bytes_out", "tool_calls", "tool_ms"}
 

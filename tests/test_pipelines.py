@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.conftest import error_of, new_session_id, spawn, streamed
-
 
 # Each reply answers by the call's inputs (first match wins), so concurrent lanes stay deterministic.
 SCRIPT = [

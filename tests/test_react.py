@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bridge.client import RemoteError
+from bridge import RemoteError
 from tests.conftest import spawn
 
 TOOLS = [
@@ -161,7 +161,7 @@ def test_the_lm_sees_each_tools_true_arguments():
     """In-process: the ReAct prompt carries the host's description and JSON-schema arguments."""
     import dspy
 
-    from bridge.react import build_react
+    from bridge.programs.react import build_react
 
     react = build_react(dspy.Signature("question -> answer"), TOOLS, {})
     instructions = react.react.signature.instructions

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bridge.client import RemoteError
+from bridge import RemoteError
 from tests.conftest import spawn
 
 

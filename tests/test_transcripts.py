@@ -14,8 +14,13 @@ import anyio
 import msgpack
 import pytest
 
-from bridge import framing, jsontags, lm_recording, replay, transcript
-from bridge.client import RemoteError, Worker
+from bridge import RemoteError, Worker
+from bridge.host import replay
+from bridge.lm import recording as lm_recording
+from bridge.transcripts import format as transcript
+from bridge.transcripts.recorder import Recorder
+from bridge.wire import framing, jsontags
+from bridge.wire.errors import TranscriptError
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "fixtures"
@@ -138,7 +143,7 @@ def test_the_lm_hook_records_any_engine_dspy_picks(monkeypatch):
 
     monkeypatch.setattr(execution, "_engine", execution._engine)  # undone after the test
     out = io.BytesIO()
-    lm_recording.install(transcript.Recorder(out, "<memory>"))
+    lm_recording.install(Recorder(out, "<memory>"))
     with dspy.context(lm=DummyLM([{"answer": "42"}])):
         dspy.Predict("question -> answer")(question="6 * 7?")
     [call] = [json.loads(line)["lm"] for line in out.getvalue().splitlines()]
@@ -269,5 +274,5 @@ def test_transcript_show_prints_every_segment():
 def test_a_file_that_is_not_a_transcript_is_refused(tmp_path):
     path = tmp_path / "not.jsonl"
     path.write_text('{"t": 0, "dir": "in", "frame": {}}\n')
-    with pytest.raises(transcript.TranscriptError, match="the first line must be a header"):
+    with pytest.raises(TranscriptError, match="the first line must be a header"):
         transcript.load(path)

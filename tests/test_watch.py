@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge import framing, watch
+from bridge.transcripts import watch
+from bridge.wire import framing
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "fixtures"

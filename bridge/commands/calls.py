@@ -1,0 +1,59 @@
+"""``call`` and ``release``: any callable under an allowed module prefix, by reference.
+
+The policy and the value conversions are in ``bridge.calls``; this module only
+runs the call in a worker thread, inside ``dspy.context(lm=<session LM>)`` when
+the session has one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import anyio
+
+from bridge.programs.calls import check_name, encode, keeper, resolve_args, resolve_target
+from bridge.programs.runner import reported
+from bridge.wire.errors import ErrorType, PeerError
+from bridge.worker.context import Context
+from bridge.worker.registry import handler
+
+
+def lm_context(lm: Any) -> ContextManager[Any]:
+    import dspy
+
+    return dspy.context(lm=lm) if lm is not None else nullcontext()
+
+
+@handler("call", needs_dspy=True)
+async def call(args: dict, ctx: Context) -> Any:
+    """Call ``target`` with ``args``/``kwargs`` (refs resolved); the result as data or as a ref."""
+    positional, keywords = args.get("args", []), args.get("kwargs", {})
+    if not isinstance(positional, list) or not isinstance(keywords, dict) \
+            or not all(isinstance(key, str) for key in keywords):
+        raise PeerError(ErrorType.BAD_REQUEST, "'args' must be a list and 'kwargs' a map with string keys")
+    name = check_name(args.get("store_as"))
+    fn = resolve_target(args.get("target"), ctx, ctx.shared.config.allow_modules)
+    positional, keywords = resolve_args(positional, ctx), resolve_args(keywords, ctx)
+    lm = ctx.session.lm
+
+    def work() -> Any:
+        with lm_context(lm):
+            return fn(*positional, **keywords)
+
+    with reported():
+        result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=ctx.shared.threads)
+        if inspect.isawaitable(result):  # an async method such as acall: awaited on the loop
+            with lm_context(lm):
+                result = await result
+    return keeper(ctx, name)(result) if name else encode(result, keeper(ctx))
+
+
+@handler("release", inline=True)
+def release(args: dict, ctx: Context) -> dict[str, bool]:
+    """Free one ref of the request's session; ``unknown_ref`` if it holds none by that id."""
+    session = ctx.session
+    session.get(args.get("ref"))
+    del session.objects[args["ref"]]
+    return {"released": True}

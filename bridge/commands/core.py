@@ -1,0 +1,25 @@
+"""Commands every worker answers: ``ping``, ``echo``, ``stats``.  All inline: no task, no thread."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bridge.worker.context import Context
+from bridge.worker.registry import handler
+
+
+@handler("ping", inline=True)
+def ping(args: dict, ctx: Context) -> dict:
+    return {"pong": True, "time": time.time()}
+
+
+@handler("echo", inline=True)
+def echo(args: dict, ctx: Context) -> dict:
+    return args
+
+
+@handler("stats", inline=True)
+def stats(args: dict, ctx: Context) -> dict[str, Any]:
+    """The worker's counters and histograms; every request answered before it is counted."""
+    return ctx.shared.stats()

@@ -1,1 +1,0 @@
-"""Built-in handler modules.  ``core`` is always loaded; ``diagnostics`` behind ``--diagnostics``."""

@@ -1,0 +1,1 @@
+"""Hosts written in Python: the client (``bridge.Worker``), the demo, and the replay driver."""

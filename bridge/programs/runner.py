@@ -1,0 +1,133 @@
+"""What every DSPy command shares: the session's LM, stored programs, one program call,
+threads for plain calls, and DSPy's failures mapped to their own error types.
+
+Every DSPy run happens inside ``dspy.context(lm=<the session's LM>)``:
+``dspy.configure`` only works from the first thread that calls it, and
+sessions must not share an LM.  Streamed and ReAct calls run with ``acall`` on
+the event loop, so cancelling the request cancels them; plain calls run in a
+worker thread (``in_thread``), which a cancel abandons: the call runs on to its
+end, holding its thread, and its result is dropped.  DSPy is imported lazily.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
+
+import anyio
+
+from bridge.programs.program import Program
+from bridge.wire.errors import ErrorType, PeerError
+from bridge.wire.protocol import int_arg
+from bridge.worker.context import Context
+
+DEFAULT_CONCURRENCY = 8
+
+
+# ---- errors ------------------------------------------------------------------------
+
+def dspy_error(exc: Exception) -> PeerError | None:
+    """DSPy's LM and parse failures as error frames the host can act on (no traceback)."""
+    from dspy.utils.exceptions import AdapterParseError, LMError
+
+    if isinstance(exc, AdapterParseError):
+        return PeerError("adapter_parse_error", str(exc),
+                         {"adapter": exc.adapter_name, "lm_response": str(exc.lm_response)})
+    if isinstance(exc, LMError):
+        return PeerError("lm_error", str(exc), {"code": exc.code, "model": exc.model})
+    return None
+
+
+@contextmanager
+def bad_request() -> Iterator[None]:
+    """Our builders' ValueErrors (bad signature, module, inputs, LM options) are the host's."""
+    try:
+        yield
+    except ValueError as exc:
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc)) from None
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``."""
+    try:
+        yield
+    except Exception as exc:
+        peer = dspy_error(exc)
+        if peer is None:
+            raise
+        raise peer from None
+
+
+# ---- shared steps ------------------------------------------------------------------
+
+def session_lm(ctx: Context) -> Any:
+    session = ctx.session
+    if session.lm is None:
+        raise PeerError("lm_not_configured",
+                        f"session {session.id!r} has no language model: send lm.configure {{model, ...}} "
+                        "in this session first, e.g. {\"model\": \"openai/gpt-4o-mini\"} or "
+                        "{\"model\": \"scripted/demo\", \"script\": [{\"answer\": \"42\"}]}")
+    return session.lm
+
+
+def stored(ctx: Context, ref: Any) -> Program:
+    program = ctx.session.get(ref)
+    if not isinstance(program, Program):
+        raise PeerError("unknown_ref", f"{ref!r} is not a program in session {ctx.session.id!r}")
+    return program
+
+
+def new_ref(ctx: Context, program: Program) -> dict[str, str]:
+    return {"ref": ctx.shared.sessions.store(ctx.session, program)}
+
+
+async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields: Any = None) -> dict[str, Any]:
+    """Call ``program`` once for predict, stream and program.call."""
+    import dspy
+
+    from bridge.programs.streaming import listeners_for, stream_program  # imports DSPy: after warm-up only
+
+    with bad_request():
+        inputs = program.check_inputs(inputs)
+        routes = listeners_for(program, fields) if stream else {}
+    lm = session_lm(ctx)
+    with reported():
+        async with react_steps(ctx, program):
+            if stream:
+                prediction = await stream_program(program, inputs, lm, routes, ctx.emit)
+            elif program.kind == "ReAct":  # async tools need acall: sync ReAct would hang on them
+                with dspy.context(lm=lm):
+                    prediction = await program.module.acall(**inputs)
+            else:
+                prediction = await in_thread(ctx, program, inputs, lm)
+    return program.result(prediction)
+
+
+async def in_thread(ctx: Context, program: Program, inputs: dict[str, Any], lm: Any) -> Any:
+    """Run a plain program call in a worker thread: DSPy's formatting and parsing are CPU work
+    that would otherwise stall every other request on the loop.  Context variables (the
+    ``dspy.context`` settings, callbacks) carry into the thread."""
+    import dspy
+
+    def call() -> Any:
+        with dspy.context(lm=lm):
+            return program.module(**inputs)
+
+    return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=ctx.shared.threads)
+
+
+@asynccontextmanager
+async def react_steps(ctx: Context, program: Program) -> AsyncIterator[None]:
+    """For ReAct: tool proxies call the host through ``ctx`` and steps become chunks."""
+    if program.kind != "ReAct":
+        yield
+        return
+    from bridge.programs.react import steps
+
+    async with steps(ctx, program.module):
+        yield
+
+
+def concurrency(args: dict[str, Any]) -> int:
+    return int_arg(args, "concurrency", DEFAULT_CONCURRENCY, minimum=1)

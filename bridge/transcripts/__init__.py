@@ -1,0 +1,2 @@
+"""Transcripts: the format and loader, the recorder, the comparison, readable views, and
+``bridge stats --watch``."""

@@ -1,0 +1,126 @@
+"""The transcript format: what a worker said and heard, as JSON Lines; its header and its loader.
+See ``docs/transcripts.md``.
+
+A transcript is one or more *segments*, one per worker process, each opened by a
+header line; the records after a header belong to that worker:
+
+- ``{"t", "dir": "in"|"out", "frame": {...}}`` a frame; ``raw`` (base64 body) is added
+  when the JSON view alone would not re-encode to the bytes that crossed the pipe;
+- ``{"t", "dir": "in", "raw"}`` an undecodable frame body, ``{"t", "dir": "in", "partial"}``
+  the bytes of a frame cut by end of input, ``{"t", "dir": "in", "skipped": size}`` a frame
+  over ``--max-frame-bytes`` (its body is never buffered), ``{"t", "dir": "in", "eof": true}``;
+- ``{"t", "lm": {...}}`` one LM call (written by ``bridge.lm.recording``);
+- ``{"t", "exit": code}`` the worker's exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, NamedTuple
+
+from bridge import __version__
+from bridge.wire import framing, jsontags
+from bridge.wire.errors import TranscriptError
+from bridge.worker.options import add_serve_options
+
+FORMAT = 1
+NOT_REPLAYED = {"command", "fds", "record", "record_append", "replay_lm", "replay_segment", "replay_speed"}
+
+
+def header(options: dict[str, Any]) -> dict[str, Any]:
+    """The first line of a segment: versions, start time, and the serve options a replay needs."""
+    try:
+        dspy_version = metadata.version("dspy")  # not ``import dspy``: that costs a second before ready
+    except metadata.PackageNotFoundError:
+        dspy_version = None
+    return {"transcript": FORMAT, "worker": __version__, "dspy": dspy_version,
+            "started": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "pid": os.getpid(),
+            "options": {k: v for k, v in options.items() if k not in NOT_REPLAYED}}
+
+
+def serve_argv(head: dict[str, Any]) -> list[str]:
+    """``bridge serve`` arguments that start a worker like the one that wrote ``head``
+    (options this worker does not know are left out)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_serve_options(parser)
+    options, argv = head.get("options", {}), []
+    for action in parser._actions:
+        value = options.get(action.dest)
+        if action.dest in NOT_REPLAYED or value is None or value is False:
+            continue
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch
+            argv.append(flag)
+        else:
+            for item in value if isinstance(value, list) else [value]:
+                argv += [flag, str(item)]
+    return argv
+
+
+class Segment(NamedTuple):
+    """One worker process: its header and its records in file order."""
+
+    header: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    def frames(self, direction: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("dir") == direction and "frame" in r]
+
+    def lm_calls(self) -> list[dict[str, Any]]:
+        """LM records by start time (they are written when they end)."""
+        return sorted((r for r in self.records if "lm" in r), key=lambda r: r["t"])
+
+    def exit_code(self) -> int | None:
+        return next((r["exit"] for r in self.records if "exit" in r), None)
+
+
+def load(path: str | os.PathLike) -> list[Segment]:
+    """Parse a transcript; raises ``TranscriptError`` naming the line that is wrong."""
+    segments: list[Segment] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            record = parse_line(line, f"{path}:{lineno}", first=not segments)
+            if record is None:
+                continue
+            if "transcript" in record:
+                segments.append(Segment(record, []))
+            else:
+                segments[-1].records.append(record)
+    if not segments:
+        raise TranscriptError(f"{path}: empty")
+    return segments
+
+
+def parse_line(line: str | bytes, where: str, first: bool) -> dict[str, Any] | None:
+    """One transcript line as a record (None for a blank one); ``first``: no header seen yet."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise TranscriptError(f"{where}: not a JSON line ({exc})") from None
+    if not isinstance(record, dict):
+        raise TranscriptError(f"{where}: a record must be a JSON object")
+    if "transcript" in record and record["transcript"] != FORMAT:
+        raise TranscriptError(f"{where}: transcript format {record['transcript']!r}, this worker reads {FORMAT}")
+    if first and "transcript" not in record:
+        raise TranscriptError(f'{where}: the first line must be a header {{"transcript": 1, ...}}')
+    return record
+
+
+def wire_bytes(record: dict[str, Any]) -> bytes:
+    """The bytes a host record puts on the pipe (for frames: their recorded encoding)."""
+    if "raw" in record:
+        body = jsontags.from_json(record["raw"])
+        return framing.HEADER.pack(len(body)) + body
+    if "frame" in record:
+        return framing.encode(jsontags.from_json(record["frame"]))
+    if "partial" in record:
+        return jsontags.from_json(record["partial"])
+    if "skipped" in record:
+        return framing.HEADER.pack(record["skipped"]) + bytes(record["skipped"])
+    raise TranscriptError(f"not a host record: {record!r}")

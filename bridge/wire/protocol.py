@@ -1,0 +1,173 @@
+"""Protocol v1, sans-I/O: frame maps in, typed events out; outgoing frame maps built here.
+
+Everything the peer can get wrong is caught here and returned as a ``Rejected``
+event carrying the error frame to send, so the server never has to guess which
+side caused an error.  See ``docs/protocol.md`` for the full contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from bridge.wire.errors import ErrorType, PeerError
+
+PROTOCOL_VERSION = 1
+
+RequestId = int | str
+
+
+class Request(NamedTuple):
+    id: RequestId
+    command: str
+    args: dict
+    session_id: str | None = None
+    timeout_ms: int | None = None
+    window: int | None = None
+    telemetry: bool = False
+
+
+class Cancel(NamedTuple):
+    id: Any
+
+
+class Credit(NamedTuple):
+    id: Any
+    n: int
+
+
+class RpcResponse(NamedTuple):
+    rpc_id: Any
+    ok: bool
+    result: Any = None
+    error: dict | None = None  # {"type", "message"} when not ok
+
+
+class Shutdown(NamedTuple):
+    """Stop accepting requests; drain; exit 0."""
+
+
+class Rejected(NamedTuple):
+    """A frame the peer got wrong; ``frame`` is the error frame to answer with."""
+
+    frame: dict
+
+
+Event = Request | Cancel | Credit | RpcResponse | Shutdown | Rejected
+
+
+def int_arg(args: dict, name: str, default: int | None = None, minimum: int = 0) -> int:
+    """A handler's integer argument, checked: anything else is the host's ``bad_request``."""
+    value = args.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PeerError(ErrorType.BAD_REQUEST, f"'{name}' must be an integer >= {minimum}")
+    return value
+
+
+def _is_id(value: Any) -> bool:
+    kind = type(value)  # exact types first: this runs for every request
+    return kind is int or kind is str or (isinstance(value, (int, str)) and not isinstance(value, bool))
+
+
+def _bad_int(value: Any, minimum: int) -> bool:
+    return value is not None and (type(value) is not int or value < minimum)
+
+
+def _parse_request(body: dict) -> Request | Rejected:
+    """Check a request's fields; on the hot path, so the common case is a few dict lookups."""
+    rid = body.get("id")
+    if not _is_id(rid):
+        return Rejected(error(None, ErrorType.BAD_REQUEST, "request 'id' must be an int or a str"))
+    command = body.get("command")
+    if type(command) is not str:
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'command' must be a str"))
+    args = body.get("args")
+    if args is None:
+        args = {}
+    elif type(args) is not dict:
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'args' must be a map"))
+    session_id = body.get("session_id")
+    if session_id is not None and type(session_id) is not str:
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'session_id' must be a str"))
+    timeout_ms, window = body.get("timeout_ms"), body.get("window")
+    if _bad_int(timeout_ms, 0):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "'timeout_ms' must be an integer >= 0"))
+    if _bad_int(window, 1):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST, "'window' must be an integer >= 1"))
+    return Request(rid, command, args, session_id, timeout_ms, window, body.get("telemetry") is True)
+
+
+def parse(body: dict) -> Event:
+    """Turn one decoded frame map into a typed event, or a ``Rejected`` for bad input."""
+    kind = body.get("type")
+    if kind == "request":
+        return _parse_request(body)
+    if kind == "cancel":
+        return Cancel(body.get("id"))
+    if kind == "rpc_response":
+        return _parse_rpc_response(body)
+    if kind == "credit":
+        n = body.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            return Rejected(error(None, ErrorType.BAD_FRAME, "credit 'n' must be an integer >= 1"))
+        return Credit(body.get("id"), n)
+    if kind == "shutdown":
+        return Shutdown()
+    if kind is None:
+        return Rejected(error(None, ErrorType.BAD_FRAME, "frame has no 'type'"))
+    return Rejected(error(None, ErrorType.BAD_FRAME, f"unknown frame type {kind!r}",
+                          {"type": kind if isinstance(kind, str) else repr(kind)}))
+
+
+def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
+    ok = body.get("ok")
+    if not isinstance(ok, bool) or "rpc_id" not in body:
+        return Rejected(error(None, ErrorType.BAD_FRAME, "rpc_response needs 'rpc_id' and a boolean 'ok'"))
+    err = body.get("error")
+    if not ok and not isinstance(err, dict):
+        err = {"type": "tool_error", "message": repr(err)}
+    return RpcResponse(body["rpc_id"], ok, body.get("result"), err)
+
+
+# ---- worker -> host frames -------------------------------------------------------
+
+def ready(version: str, pid: int, commands: list[str], capabilities: list[str]) -> dict:
+    return {"type": "ready", "protocol": PROTOCOL_VERSION, "version": version, "pid": pid,
+            "commands": commands, "capabilities": capabilities}
+
+
+def chunk(rid: RequestId, seq: int, data: Any) -> dict:
+    return {"type": "chunk", "id": rid, "seq": seq, "data": data}
+
+
+def result(rid: RequestId, data: Any, meta: dict | None = None) -> dict:
+    frame = {"type": "result", "id": rid, "data": data}
+    if meta is not None:
+        frame["meta"] = meta
+    return frame
+
+
+def error(rid: RequestId | None, type: str, message: str, details: dict | None = None,
+          traceback: str | None = None, meta: dict | None = None) -> dict:
+    err: dict[str, Any] = {"type": type, "message": message}
+    if details is not None:
+        err["details"] = details
+    if traceback is not None:
+        err["traceback"] = traceback
+    frame = {"type": "error", "id": rid, "error": err}
+    if meta is not None:
+        frame["meta"] = meta
+    return frame
+
+
+def rpc_request(rpc_id: int, rid: RequestId, tool: str, args: list, kwargs: dict,
+                timeout_ms: int | None) -> dict:
+    return {"type": "rpc_request", "rpc_id": rpc_id, "id": rid, "tool": tool, "args": args,
+            "kwargs": kwargs, "timeout_ms": timeout_ms}
+
+
+def telemetry(rid: RequestId, event: str, measurements: dict, metadata: dict) -> dict:
+    return {"type": "telemetry", "id": rid, "event": event, "measurements": measurements, "metadata": metadata}
+
+
+def rpc_cancel(rpc_id: int) -> dict:
+    return {"type": "rpc_cancel", "rpc_id": rpc_id}

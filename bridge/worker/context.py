@@ -1,0 +1,175 @@
+"""The per-request context handed to every handler.
+
+It is the handler's only door to the outside: chunks, host tool calls, the
+session, the deadline and cancellation.  It works from the loop (``await``) and
+from worker threads (the ``*_blocking`` twins), because sync handlers run in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+
+from bridge.observe.metrics import LmUsage
+from bridge.observe.telemetry import Post, Telemetry
+from bridge.wire import protocol
+from bridge.wire.errors import RequestClosed
+from bridge.worker.tools import CLOSED
+
+if TYPE_CHECKING:
+    from bridge.worker.options import Config
+    from bridge.worker.sessions import Session, SessionStore
+    from bridge.worker.tools import Slot, ToolBridge
+    from bridge.worker.transport import FrameWriter
+
+_log = logging.getLogger("bridge.handler")
+YIELD_EVERY = 32  # chunks emitted between forced checkpoints, so one stream cannot hog the loop
+
+
+class Shared(NamedTuple):
+    """What every request's context may reach: the worker's collaborators, not the worker."""
+
+    writer: "FrameWriter"
+    tools: "ToolBridge"
+    sessions: "SessionStore"
+    threads: anyio.CapacityLimiter  # bounds the worker threads of sync handlers and DSPy runs
+    token: Any  # the loop's anyio token: ``*_blocking`` calls from threads reach the loop with it
+    post: Post  # run ``fn(body)`` on the loop, from any thread
+    config: "Config"
+    stats: Callable[[], dict[str, Any]]  # the worker's ``stats`` snapshot
+
+
+class Context:
+    """What a handler knows about its request.  Cheap to create: slots only.
+
+    A request run as a task is metered for its own ``meta`` (perf_counter seconds,
+    see ``observe.metrics.request_meta``); an inline one that succeeds shares its
+    group's ``meta`` instead (``worker.respond``).
+    """
+
+    __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "parked", "shared",
+                 "_writer", "_credit", "_credit_event", "_since_yield",
+                 "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
+                 "_watch_chunks")
+
+    def __init__(self, req: protocol.Request, shared: Shared, arrived: float, observed: bool = False,
+                 lm: bool = False) -> None:
+        self.id = req.id
+        self.command = req.command
+        self.session_id = req.session_id
+        self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
+        self.seq = 0
+        self.closed = False
+        self.parked: set[Slot] = set()  # this request's host calls waiting for an answer
+        self.shared = shared
+        self._writer = shared.writer
+        self._credit = req.window
+        self._credit_event: anyio.Event | None = None
+        self._since_yield = YIELD_EVERY
+        self.arrived = self.started = arrived  # arrival: the read that carried the request
+        self.first_chunk: float | None = None
+        self.chunk_bytes = 0
+        self.tool_calls = 0
+        self.tool_s = 0.0
+        # a DSPy command's ``meta`` always has ``lm``; others get one with their first LM call
+        self.lm: LmUsage | None = LmUsage() if lm else None
+        self.telemetry = (Telemetry(self, shared.config.slow_chunk_ms, self._writer.send, shared.post)
+                          if observed else None)
+        self._watch_chunks = True  # the first chunk's time, then every chunk's with telemetry
+
+    # ---- state -----------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the request was cancelled, timed out or ended: cooperative code stops."""
+        return self.closed or (self.deadline is not None and time.monotonic() >= self.deadline)
+
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        return logging.LoggerAdapter(_log, {"request_id": self.id})
+
+    @property
+    def session(self) -> "Session":
+        """The request's session (``session_id``, or the default one); created on first use."""
+        return self.shared.sessions.get_or_create(self.session_id)
+
+    # ---- chunks ----------------------------------------------------------------
+
+    async def emit(self, data: Any) -> None:
+        """Send one chunk.  Waits for credit (``window``) and for a congested pipe to drain."""
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+        if self._credit is not None:
+            while self._credit <= 0:
+                self._credit_event = anyio.Event()
+                await self._credit_event.wait()
+                if self.closed:
+                    raise RequestClosed(f"request {self.id!r} is finished")
+            self._credit -= 1
+        writer = self._writer
+        self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
+        if self._watch_chunks:
+            self._watched_chunk()
+        self.seq += 1
+        if writer.congested:
+            await writer.wait_drained()
+        else:
+            self._since_yield += 1
+            if self._since_yield >= YIELD_EVERY:
+                self._since_yield = 0
+                await anyio.lowlevel.checkpoint()
+
+    def _watched_chunk(self) -> None:
+        now = time.perf_counter()
+        if self.seq == 0:
+            self.first_chunk = now
+        if self.telemetry is not None:
+            self.telemetry.chunk(now, self.seq)
+        else:
+            self._watch_chunks = False
+
+    def emit_blocking(self, data: Any) -> None:
+        """``emit`` for code running in a worker thread; blocks the thread, not the loop."""
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+        anyio.from_thread.run(self.emit, data, token=self.shared.token)
+
+    def add_credit(self, n: int) -> None:
+        """The host granted ``n`` more chunks (``credit`` frame)."""
+        if self._credit is None:
+            return
+        self._credit += n
+        if self._credit_event is not None:
+            self._credit_event.set()
+
+    # ---- host tools --------------------------------------------------------------
+
+    async def call_tool(self, name: str, *args: Any, timeout_ms: int | None = None, **kwargs: Any) -> Any:
+        """Call tool ``name`` on the host and wait for its answer (``rpc_request``/``rpc_response``).
+
+        Raises ``ToolError`` for the host's error answer and ``TimeoutError`` when
+        no answer comes in time.  ``timeout_ms`` is reserved for the call itself.
+        """
+        return await self.shared.tools.call(self, name, list(args), kwargs, timeout_ms)
+
+    def call_tool_blocking(self, name: str, *args: Any, timeout_ms: int | None = None, **kwargs: Any) -> Any:
+        """``call_tool`` for code running in a worker thread."""
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+        return anyio.from_thread.run(self.shared.tools.call, self, name, list(args), kwargs, timeout_ms,
+                                     token=self.shared.token)
+
+    # ---- lifecycle (server side) -------------------------------------------------
+
+    def close(self) -> None:
+        """Mark the request finished: further chunks raise, parked tool calls are cancelled."""
+        self.closed = True
+        for slot in tuple(self.parked):
+            slot.finish(CLOSED)
+        if self._credit_event is not None:
+            self._credit_event.set()

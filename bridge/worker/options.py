@@ -1,0 +1,78 @@
+"""The worker's start-up options: ``Config``, and the ``bridge serve`` flags that fill it.
+
+Here rather than in the CLI so that a transcript's header can be turned back
+into flags (``transcripts.format.serve_argv``) without importing the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NamedTuple
+
+from bridge.wire import framing
+
+
+class Config(NamedTuple):
+    in_fd: int = 0
+    out_fd: int = 1
+    max_frame_bytes: int = framing.MAX_FRAME_BYTES
+    max_threads: int = 32
+    drain_timeout: float = 30.0
+    tool_timeout_ms: int = 30_000
+    max_objects: int = 10_000
+    max_inflight: int = 10_000
+    allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
+    meta: bool = True  # ``meta`` on terminal frames (``--no-meta`` is the benchmark's baseline)
+    telemetry: bool = False  # telemetry frames for every request, not only those asking
+    slow_chunk_ms: float = 100.0  # a gap between chunks above this is a slow_chunk event
+
+
+def _fds(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected IN,OUT, e.g. 3,4") from None
+    return a, b
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fds", type=_fds, metavar="IN,OUT",
+                   help="read and write frames on these descriptors (Erlang nouse_stdio: 3,4)")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error", "critical"])
+    p.add_argument("--handlers", action="append", default=[], metavar="MODULE",
+                   help="import this module of @handler functions (repeatable)")
+    p.add_argument("--diagnostics", action="store_true",
+                   help="also serve stream_count, sleep and rpc_loop (benchmarks, health checks)")
+    p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--max-threads", type=int, default=32, help="worker threads for sync handlers")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on shutdown")
+    p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
+    p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
+    p.add_argument("--max-inflight", type=int, default=10_000,
+                   help="requests running at once; more are refused with 'overloaded'")
+    p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
+                   help="module prefix the 'call' command may reach (repeatable; default: dspy)")
+    p.add_argument("--no-meta", dest="meta", action="store_false",
+                   help="leave 'meta' off terminal frames (the benchmark's baseline for its cost)")
+    p.add_argument("--telemetry", action="store_true",
+                   help="send telemetry frames for every request, not only those with telemetry: true")
+    p.add_argument("--slow-chunk-ms", type=float, default=100.0, metavar="MS",
+                   help="a gap between two chunks longer than this is a slow_chunk telemetry event")
+    p.add_argument("--record", metavar="PATH", help="write a transcript: every frame and LM call (JSON Lines)")
+    p.add_argument("--record-append", action="store_true",
+                   help="append to PATH as a new segment (a restarted worker) instead of replacing it")
+    p.add_argument("--replay-lm", metavar="PATH", help="answer every LM call from this transcript's recorded ones")
+    p.add_argument("--replay-segment", type=int, metavar="N", help="with --replay-lm: only segment N's calls")
+    p.add_argument("--replay-speed", type=float, metavar="X",
+                   help="with --replay-lm: recorded LM pacing, X times faster (default: no waiting)")
+
+
+def config_from(opts: argparse.Namespace, in_fd: int, out_fd: int) -> Config:
+    """The ``Config`` of parsed ``bridge serve`` options."""
+    return Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
+                  max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
+                  tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
+                  max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"]),
+                  meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms)

@@ -1,0 +1,380 @@
+"""The worker's event loop: read frames and dispatch them; terminal frames go through ``respond``.
+
+One anyio task group owns everything: the reader (this module), the writer
+task, the signal watcher, the session sweeper, warm-ups, and one task per
+non-inline request.  Requests are cancelled through their own cancel scopes;
+the reader never blocks on a handler.  A sync handler runs in a worker thread,
+which a cancel or timeout abandons: the request ends at once, and the thread
+runs on until the handler returns (it can poll ``ctx.cancelled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import aclosing
+from typing import Any, Callable
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from bridge import __version__
+from bridge.observe.current import REQUEST
+from bridge.observe.metrics import WorkerMetrics, rss_bytes
+from bridge.wire import framing, protocol
+from bridge.wire.errors import ErrorType, RequestClosed
+from bridge.worker.context import Context, Shared
+from bridge.worker.options import Config
+from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
+from bridge.worker.respond import Responder, cancelled, failure
+from bridge.worker.sessions import SessionStore
+from bridge.worker.tools import ToolBridge
+from bridge.worker.transport import FrameWriter, peer_closed, prepare_fd, read_some
+
+log = logging.getLogger("bridge.server")
+
+CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions", "meta", "telemetry"]
+
+
+class Inflight:
+    """One running request: its context, cancel scope and why it was cancelled."""
+
+    __slots__ = ("ctx", "scope", "reason")
+
+    def __init__(self, ctx: Context, deadline: float) -> None:
+        self.ctx = ctx
+        self.scope = anyio.CancelScope(deadline=deadline)
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+class Server:
+    def __init__(self, config: Config, registry: Registry = REGISTRY) -> None:
+        self.config = config
+        self.registry = registry
+        self.started = time.monotonic()
+        self.inflight: dict[Any, Inflight] = {}
+        self.sessions = SessionStore(config.max_objects)
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.metrics = WorkerMetrics()
+        self.telemetry_all = config.telemetry  # read per request: a plain attribute is cheapest
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
+        self.loop_thread = 0
+        self.shutting_down = False
+        self.writer: FrameWriter = None  # type: ignore[assignment]  # set in serve()
+        self.tools: ToolBridge = None  # type: ignore[assignment]
+        self.respond: Responder = None  # type: ignore[assignment]
+        self.shared: Shared = None  # type: ignore[assignment]
+        self.warm = anyio.Event()
+        self.limiter = anyio.CapacityLimiter(config.max_threads)
+        self._idle = anyio.Event()
+        self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
+        self.recorder: Any = None  # with --record, installed by the CLI: sees every frame both ways
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until shutdown, EOF or a closed port; returns the process exit code."""
+        cfg = self.config
+        prepare_fd(cfg.in_fd)
+        prepare_fd(cfg.out_fd)
+        self.writer = FrameWriter(cfg.out_fd)
+        if self.recorder is not None:
+            self.writer.tap = self.recorder.frame_out
+        self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
+        self.respond = Responder(self.writer, self.metrics, cfg.meta)
+        self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self.shared = Shared(self.writer, self.tools, self.sessions, self.limiter, anyio.lowlevel.current_token(),
+                             self.post, cfg, self.stats)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self.writer.run)
+            self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
+            tg.start_soon(self._watch_signals)
+            tg.start_soon(self._sweep_sessions)
+            tg.start_soon(self._warm_up)
+            tg.start_soon(self._watch_broken_pipe)
+            tg.start_soon(self.tools.run_timer)
+            await self._read_loop()
+        return 0
+
+    async def _read_loop(self) -> None:
+        decoder = framing.Decoder(self.config.max_frame_bytes, keep_raw=self.recorder is not None)
+        fd = self.config.in_fd
+        writer, respond = self.writer, self.respond
+        while True:
+            try:
+                data, waited = await read_some(fd)
+            except OSError:
+                data, waited = b"", True
+            respond.read_arrived(time.perf_counter())
+            writer.cork()
+            try:
+                if not data:
+                    for event in decoder.close():
+                        self._on_decoded(event)
+                else:
+                    self.bytes_in += len(data)
+                    for event in decoder.feed(data):
+                        self._on_decoded(event)
+            finally:
+                respond.flush()
+                writer.uncork()
+            if not data:
+                self._on_eof()
+                return
+            if writer.congested:
+                await writer.wait_drained()
+            elif not waited:
+                await anyio.lowlevel.checkpoint()  # input keeps coming: let handlers run too
+
+    def _on_eof(self) -> None:
+        """EOF on input: a closed port exits at once; a finished shell pipe drains first."""
+        if self.recorder is not None:
+            self.recorder.eof()
+        self.tools.input_closed()
+        if peer_closed(self.config.out_fd):
+            log.info("input and output closed (port_close): exiting now")
+            self._tg.cancel_scope.cancel()
+            return
+        log.info("EOF on input: finishing %d request(s) in flight", len(self.inflight))
+        self.begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        if not self.shutting_down:
+            self.shutting_down = True
+            self._tg.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        """Let in-flight requests finish (bounded by ``drain_timeout``), then stop."""
+        with anyio.move_on_after(self.config.drain_timeout):
+            while self.inflight:
+                await self._idle.wait()
+        for state in list(self.inflight.values()):
+            state.cancel(ErrorType.SHUTTING_DOWN)
+        while self.inflight:  # the cancelled requests write their terminal frames
+            await self._idle.wait()
+        await anyio.lowlevel.checkpoint()
+        self._tg.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                self.begin_shutdown()
+
+    async def _watch_broken_pipe(self) -> None:
+        await self.writer.broken.wait()
+        log.info("output closed by the host: exiting now")
+        self._tg.cancel_scope.cancel()
+
+    async def _sweep_sessions(self) -> None:
+        while True:
+            await anyio.sleep(1.0)
+            for sid in self.sessions.sweep():
+                log.info("session %r expired", sid)
+
+    async def _warm_up(self) -> None:
+        """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
+        try:
+            for fn in self.registry.warmups:
+                await anyio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+        except Exception:
+            log.exception("warm-up failed; requests that need it will fail on their own")
+        finally:
+            gc.freeze()  # what the warm-up imported lives forever: keep it out of every collection
+            self.warm.set()
+
+    # ---- dispatch ----------------------------------------------------------------
+
+    def _on_decoded(self, event: framing.Event) -> None:
+        self.frames_in += 1
+        if self.recorder is not None:
+            self.recorder.frame_in(event)
+        if isinstance(event, framing.Frame):
+            self._dispatch(protocol.parse(event.body))
+        elif isinstance(event, framing.FrameTooLarge):
+            if framing.looks_like_json(event.header):
+                log.warning("%s", framing.JSON_HINT)
+            self.respond.peer_error(protocol.error(None, ErrorType.FRAME_TOO_LARGE,
+                                                   framing.describe(event),
+                                                   {"size": event.size, "limit": event.limit}))
+        elif isinstance(event, framing.BadFrame):
+            self.respond.peer_error(protocol.error(None, ErrorType.BAD_FRAME, event.reason, {"size": event.size}))
+        else:
+            self.respond.peer_error(protocol.error(None, ErrorType.BAD_FRAME, framing.describe(event)))
+
+    def _dispatch(self, event: protocol.Event) -> None:
+        if isinstance(event, protocol.Request):
+            self._on_request(event)
+        elif isinstance(event, protocol.RpcResponse):
+            self.tools.on_response(event)
+        elif isinstance(event, protocol.Cancel):
+            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            if state is not None:
+                state.cancel(ErrorType.CANCELLED)
+        elif isinstance(event, protocol.Credit):
+            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            if state is not None:
+                state.ctx.add_credit(event.n)
+        elif isinstance(event, protocol.Shutdown):
+            self.begin_shutdown()
+        else:
+            self.respond.peer_error(event.frame)
+
+    def _on_request(self, req: protocol.Request) -> None:
+        respond = self.respond
+        if self.shutting_down:
+            respond.reject(req.id, ErrorType.SHUTTING_DOWN, "the worker is shutting down and accepts no new requests")
+            return
+        entry = self.registry.get(req.command)
+        if entry is None:
+            respond.reject(req.id, ErrorType.UNKNOWN_COMMAND, f"unknown command {req.command!r}",
+                           {"command": req.command, "available": self.registry.names()})
+            return
+        if req.id in self.inflight:
+            respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {req.id!r} is already in flight", {"id": req.id})
+            return
+        if entry.kind is Kind.INLINE:
+            self._run_inline(entry, req)
+            return
+        if len(self.inflight) >= self.config.max_inflight:
+            respond.reject(req.id, ErrorType.OVERLOADED, f"{len(self.inflight)} requests are in flight (--max-inflight)",
+                           {"limit": self.config.max_inflight})
+            return
+        deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
+        ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy)
+        state = self.inflight[req.id] = Inflight(ctx, deadline)
+        self._tg.start_soon(self._run, entry, req, state)
+
+    def _run_inline(self, entry: Entry, req: protocol.Request) -> None:
+        """Run an inline handler now; its reply joins the responder's group.  A request with
+        telemetry, or a failing one, is answered at once with its own ``meta``."""
+        respond = self.respond
+        observed = req.telemetry or self.telemetry_all
+        ctx = Context(req, self.shared, respond.arrived, observed)
+        if observed:
+            _begin(ctx)
+        try:
+            value = entry.fn(req.args, ctx)
+        except Exception as exc:
+            frame = failure(req.id, exc)
+        else:
+            ctx.closed = True
+            if not observed:
+                respond.group(entry.name, req.id, value)
+                return
+            frame = protocol.result(req.id, value)
+        ctx.closed = True
+        if not observed:
+            ctx.started = respond.group_started
+        respond.finish(ctx, frame)
+
+    def stats(self) -> dict[str, Any]:
+        """The ``stats`` snapshot; the inline replies grouped before it are written and counted first."""
+        self.respond.flush()
+        writer = self.writer
+        return {
+            "uptime_s": time.monotonic() - self.started,
+            "warm": self.warm.is_set(),
+            "in_flight": len(self.inflight),
+            "tool_calls_parked": self.tools.parked,
+            "frames_in": self.frames_in,
+            "frames_out": writer.frames_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": writer.bytes_out,
+            "rss_bytes": rss_bytes(),
+            "sessions": len(self.sessions),
+            "objects": self.sessions.object_count,
+            **self.metrics.snapshot(),  # requests, errors, latency_ms, histogram_buckets, lm
+            "lm_by_session": self.sessions.lm_usage(),
+        }
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        """Run ``fn(arg)`` on the loop: now when called there, else as soon as the loop can."""
+        if threading.get_ident() == self.loop_thread:
+            fn(arg)
+        else:
+            self.loop.call_soon_threadsafe(fn, arg)
+
+    async def _run(self, entry: Entry, req: protocol.Request, state: Inflight) -> None:
+        ctx = state.ctx
+        REQUEST.set(ctx)  # in this request's task: its LM calls are its own (threads inherit it)
+        frame: dict | None = None
+        try:
+            with state.scope:
+                if entry.needs_dspy and not self.warm.is_set():
+                    await self.warm.wait()
+                if entry.kind is Kind.ASYNC or entry.kind is Kind.ASYNC_GEN:
+                    _begin(ctx)  # thread handlers begin in their thread: waiting for one is queue time
+                frame = protocol.result(req.id, await self._invoke(entry, req.args, ctx))
+        except Exception as exc:
+            frame = failure(req.id, exc)
+        finally:
+            ctx.close()
+            del self.inflight[req.id]
+            if not self.inflight:
+                self._idle.set()
+                self._idle = anyio.Event()
+        if frame is None or anyio.current_time() >= state.scope.deadline:
+            # Cancelled, or finished past its deadline: a cooperative handler that saw
+            # ``ctx.cancelled`` may return before the loop's timer fires; that is a timeout.
+            frame = cancelled(req, state.reason)
+        self.respond.finish(ctx, frame)
+
+    async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
+        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel)."""
+        kind = entry.kind
+        if kind is Kind.ASYNC:
+            return await entry.fn(args, ctx)
+        if kind is Kind.SYNC:
+            return await anyio.to_thread.run_sync(_call_sync, entry, args, ctx, abandon_on_cancel=True,
+                                                  limiter=self.limiter)
+        if kind is Kind.ASYNC_GEN:
+            async with aclosing(entry.fn(args, ctx)) as agen:
+                async for item in agen:
+                    await ctx.emit(item)
+            return None
+        return await anyio.to_thread.run_sync(_drive_generator, entry, args, ctx, abandon_on_cancel=True,
+                                              limiter=self.limiter)
+
+
+def _begin(ctx: Context) -> None:
+    """The handler starts now: the end of ``queue_ms``, and the ``start`` event."""
+    ctx.started = time.perf_counter()
+    if ctx.telemetry is not None:
+        ctx.telemetry.start()
+
+
+def _call_sync(entry: Entry, args: dict, ctx: Context) -> Any:
+    """Run a sync handler in its worker thread."""
+    _begin(ctx)
+    return entry.fn(args, ctx)
+
+
+def _drive_generator(entry: Entry, args: dict, ctx: Context) -> Any:
+    """Run a sync generator handler in its worker thread, emitting each item on the loop."""
+    _begin(ctx)
+    gen = entry.fn(args, ctx)
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            ctx.emit_blocking(item)
+    except RequestClosed:
+        return None
+    finally:
+        gen.close()

@@ -1,0 +1,192 @@
+"""The tool bridge: host calls parked as ``rpc_request`` frames until their ``rpc_response``.
+
+Modelled on the MCP SDK's session layer: each call owns one slot keyed by
+``rpc_id``; responses fill slots in any order; the slot is removed in
+``finally`` whatever happens, so nothing keyed by ``rpc_id`` outlives its call.
+
+A call is on the hot path of ReAct and of ``rpc_loop``, so it uses no cancel
+scope of its own, and it parks on a bare future of the running loop (the worker
+always runs on anyio's asyncio backend): an ``anyio.Event`` is created through
+backend dispatch and waits on an ``asyncio.Event``, which makes yet another
+future — together about half the cost of a host call.  Cancellation still
+reaches the waiting task the anyio way, through its scope.
+
+Deadlines are kept by one timer task: calls with the same
+timeout expire in the order they were made, so per timeout value an insertion-
+ordered dict is a deadline queue with O(1) removal when the answer comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+
+import anyio
+
+from bridge.wire import protocol
+from bridge.wire.errors import RequestClosed, ToolError
+
+if TYPE_CHECKING:
+    from bridge.worker.transport import FrameWriter
+
+log = logging.getLogger("bridge.tools")
+HOST_CLOSED = ("the host closed its input, so no tool answer can arrive: host tools need a live host "
+               "(an Erlang port or bridge.Worker), not a shell pipe")
+
+
+class Caller(Protocol):
+    """The request a call is made for (a ``worker.context.Context``): what the bridge reads and counts."""
+
+    id: Any
+    closed: bool
+    parked: set["Slot"]
+    telemetry: Any
+    tool_calls: int
+    tool_s: float
+
+
+class Slot:
+    """One parked call: filled by the host's answer, or aborted by a deadline, the request or EOF."""
+
+    __slots__ = ("future", "response", "abort", "deadline")
+
+    def __init__(self, deadline: float) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+        self.response: protocol.RpcResponse | None = None
+        self.abort: str | None = None
+        self.deadline = deadline
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+    def fill(self, response: protocol.RpcResponse) -> None:
+        self.response = response
+        self.future.set_result(None)
+
+    def finish(self, abort: str) -> None:
+        if not self.future.done():
+            self.abort = abort
+            self.future.set_result(None)
+
+
+class ToolBridge:
+    """Owns every parked host call of the worker, and the timer task that expires them."""
+
+    def __init__(self, writer: "FrameWriter", default_timeout_ms: int) -> None:
+        self.default_timeout_ms = default_timeout_ms
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._slots: dict[int, Slot] = {}
+        self._deadlines: dict[int, dict[int, Slot]] = {}  # timeout_ms -> rpc_id -> slot, oldest first
+        self._wake = anyio.Event()
+        self._input_closed = False
+
+    @property
+    def parked(self) -> int:
+        return len(self._slots)
+
+    async def call(self, ctx: "Caller", tool: str, args: list, kwargs: dict, timeout_ms: int | None = None,
+                   announce: Callable[[int], Awaitable[None]] | None = None) -> Any:
+        """Send one ``rpc_request`` for ``ctx``'s request and wait for the answer.
+
+        ``announce(rpc_id)`` runs just before the request is written, so a caller
+        can tell the host which call is coming (ReAct's ``tool_call`` chunk).
+        """
+        if self._input_closed:
+            raise ToolError("host_closed", HOST_CLOSED)
+        if ctx.closed:
+            raise _closed(ctx, tool)
+        timeout_ms = self.default_timeout_ms if timeout_ms is None else timeout_ms
+        rpc_id = next(self._ids)
+        if announce is not None:
+            await announce(rpc_id)
+        started = time.monotonic()
+        slot = self._slots[rpc_id] = Slot(started + timeout_ms / 1000)
+        queue = self._deadlines.get(timeout_ms)
+        if not queue:
+            queue = self._deadlines[timeout_ms] = {}
+            self._wake.set()  # a new earliest deadline may exist: the timer re-plans
+        queue[rpc_id] = slot
+        ctx.parked.add(slot)
+        telemetry = ctx.telemetry
+        if telemetry is not None:
+            telemetry.event("tool_start", {"system_time": time.time()}, {"tool": tool, "rpc_id": rpc_id})
+        try:
+            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
+            await slot.future
+        finally:
+            ctx.parked.discard(slot)
+            del self._slots[rpc_id]
+            queue.pop(rpc_id, None)
+            if slot.response is None and not self._writer.dead:
+                self._writer.send(protocol.rpc_cancel(rpc_id))
+            elapsed = time.monotonic() - started
+            ctx.tool_calls += 1  # for ``meta``
+            ctx.tool_s += elapsed
+            if telemetry is not None:
+                ok = slot.response is not None and slot.response.ok
+                telemetry.event("tool_end", {"duration_ms": elapsed * 1000},
+                                {"tool": tool, "rpc_id": rpc_id, "ok": ok})
+        return _outcome(slot, tool, timeout_ms, ctx)
+
+    def on_response(self, response: protocol.RpcResponse) -> None:
+        """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored."""
+        slot = self._slots.get(response.rpc_id) if isinstance(response.rpc_id, int) else None
+        if slot is None or slot.done:
+            log.warning("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
+            return
+        slot.fill(response)
+
+    def input_closed(self) -> None:
+        """The host's input reached EOF: fail every parked call now, none can be answered."""
+        self._input_closed = True
+        for slot in self._slots.values():
+            slot.finish(HOST_CLOSED)
+
+    async def run_timer(self) -> None:
+        """Expire overdue calls.  Sleeps until the earliest deadline, or until woken."""
+        while True:
+            earliest = min((next(iter(q.values())).deadline for q in self._deadlines.values() if q),
+                           default=None)
+            with anyio.move_on_after(None if earliest is None else max(0.0, earliest - time.monotonic())):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            self._expire(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        for timeout_ms, queue in list(self._deadlines.items()):
+            while queue:
+                rpc_id, slot = next(iter(queue.items()))
+                if slot.deadline > now:
+                    break
+                del queue[rpc_id]
+                slot.finish(_TIMEOUT)
+            if not queue:
+                del self._deadlines[timeout_ms]
+
+
+_TIMEOUT = "timeout"
+CLOSED = "closed"  # the request ended (used by ``Context.close``)
+
+
+def _closed(ctx: "Caller", tool: str) -> Exception:
+    return RequestClosed(f"request {ctx.id!r} ended while tool {tool!r} was parked")
+
+
+def _outcome(slot: Slot, tool: str, timeout_ms: int, ctx: "Caller") -> Any:
+    response = slot.response
+    if response is not None:
+        if response.ok:
+            return response.result
+        err = response.error
+        raise ToolError(str(err.get("type", "tool_error")), str(err.get("message", "")))
+    if slot.abort == _TIMEOUT:
+        raise TimeoutError(f"tool {tool!r} did not answer within {timeout_ms} ms")
+    if slot.abort == CLOSED:
+        raise _closed(ctx, tool)
+    raise ToolError("host_closed", str(slot.abort))
+

@@ -1,0 +1,188 @@
+"""Non-blocking frame I/O on raw descriptors: the only place that reads or writes the wire.
+
+The writer coalesces: frames queue in one bytearray and a single writer task
+flushes whatever has accumulated with one ``write`` call, so a burst of chunks or
+a pipelined batch of replies costs one syscall instead of one per frame.  The
+buffer is bounded: past ``high_water`` producers wait for it to drain, which is
+how a stalled host pushes back all the way to the handlers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import time
+from typing import Any
+
+import anyio
+
+from bridge.wire import framing
+
+READ_SIZE = 256 * 1024
+HIGH_WATER = 1024 * 1024
+EAGER_BYTES = 512  # pending output written at once, so the host starts on it while we go on
+F_SETPIPE_SZ = 1031
+
+
+def _decoded(data: bytes) -> Any:
+    """An encoded frame's map again, for the tap."""
+    return framing.unpack_body(data[framing.HEADER.size:]).body
+
+
+def prepare_fd(fd: int, pipe_size: int = 1024 * 1024) -> None:
+    """Make ``fd`` non-blocking and, for pipes, widen the kernel buffer (fewer wake-ups)."""
+    os.set_blocking(fd, False)
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, pipe_size)
+    except OSError:
+        pass  # not a pipe, or over /proc/sys/fs/pipe-max-size: the default is fine
+
+
+def peer_closed(fd: int) -> bool:
+    """True when the reading end of our output pipe is gone (Erlang ``port_close``)."""
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+async def read_some(fd: int) -> tuple[bytes, bool]:
+    """Read what is available, waiting on the loop (never in a thread) when nothing is.
+
+    Also says whether it waited: a reader that never waits must yield by itself.
+    """
+    waited = False
+    while True:
+        try:
+            return os.read(fd, READ_SIZE), waited
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+            waited = True
+
+
+class FrameWriter:
+    """Bounded, coalescing frame writer owned by one writer task (``run``)."""
+
+    def __init__(self, fd: int, high_water: int = HIGH_WATER) -> None:
+        self.fd = fd
+        self.high_water = high_water
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.broken = anyio.Event()
+        self.dead = False  # ``broken.is_set()`` as a plain attribute: read for every frame
+        self.tap: Any = None  # optional callable(frame) observing every frame sent
+        self._buf = bytearray()
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._scheduled = False
+        self._corked = False
+
+    def send(self, frame: dict, extra: bytes = b"") -> int:
+        """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
+        returns its encoded size.  Never blocks."""
+        data = framing.encode(frame, extra)
+        if self.tap is not None and not self.dead:
+            self.tap(_decoded(data) if extra else frame)
+        return self._append(data, 1)
+
+    def send_encoded(self, frames: list[bytes]) -> int:
+        """Queue frames that are already encoded, in one append (a group of replies)."""
+        if self.tap is not None and not self.dead:
+            for data in frames:
+                self.tap(_decoded(data))
+        return self._append(b"".join(frames), len(frames))
+
+    def _append(self, data: bytes, frames: int) -> int:
+        if self.dead:
+            return len(data)
+        self._buf += data
+        self.frames_out += frames
+        self.bytes_out += len(data)
+        if len(self._buf) >= EAGER_BYTES:
+            self._write_now()
+        if not self._corked and self._buf and not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
+        return len(data)
+
+    def _write_now(self) -> None:
+        buf = self._buf
+        try:
+            del buf[:os.write(self.fd, buf)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._break()
+
+    def cork(self) -> None:
+        """Hold frames back while the reader handles a batch, so replies go out in one write."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Write what the batch produced now, from the caller; the writer task gets any rest."""
+        self._corked = False
+        buf = self._buf
+        if buf and not self.dead:
+            self._write_now()
+        if buf and not self._scheduled:
+            self._scheduled = True
+            self._wake.set()
+
+    @property
+    def congested(self) -> bool:
+        return len(self._buf) > self.high_water
+
+    async def wait_drained(self) -> None:
+        """Wait until the buffer is back under the high-water mark."""
+        while self.congested and not self.dead:
+            await self._drained.wait()
+
+    async def run(self) -> None:
+        """The writer task: flush whatever accumulated each time it is woken."""
+        while not self.dead:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            self._scheduled = False
+            await self._flush()
+
+    async def _flush(self) -> None:
+        buf = self._buf
+        while buf:
+            try:
+                n = os.write(self.fd, buf)
+            except BlockingIOError:
+                await anyio.wait_writable(self.fd)
+                continue
+            except OSError:
+                self._break()
+                return
+            del buf[:n]
+            if len(buf) <= self.high_water and not self._drained.is_set():
+                self._drained.set()
+                self._drained = anyio.Event()
+
+    def _break(self) -> None:
+        self._buf.clear()
+        self.dead = True
+        self.broken.set()
+        self._drained.set()
+
+    def flush_blocking(self, timeout: float) -> None:
+        """Write out what is left at exit, waiting at most ``timeout`` for a slow host."""
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        buf = self._buf
+        while buf and not self.dead:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                n = os.write(self.fd, buf)
+            except BlockingIOError:
+                poller.poll(remaining * 1000)
+                continue
+            except OSError:
+                self._break()
+                return
+            del buf[:n]
