@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .protocol import quote
 from .signatures import parse_signature
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def build_module(kind: Any, signature: "type[dspy.Signature]", config: dict[str,
     import dspy
 
     if kind not in MODULES:
-        raise ValueError(f"unknown module {kind!r}; one of {list(MODULES)}")
+        raise ValueError(f"unknown module {quote(kind)}; one of {list(MODULES)}")
     if kind == "ReAct":
         from .react import build_react
 

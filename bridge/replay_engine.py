@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import transcript
+from . import paths, transcript
 from .lm import OfflineEngine, Reply, force_engine, int_option
 from .lm_recording import request_key, request_record
 
@@ -46,12 +46,15 @@ class RecordedCalls:
             self._queues.setdefault(request_key(call["request"]), deque()).append(call)
 
     @classmethod
-    def of(cls, path: str, segment: int | None = None) -> "RecordedCalls":
-        """The shared pool of ``path`` (one segment, or all of them in order)."""
-        key = (os.path.abspath(path), segment)
+    def of(cls, path: str, segment: int | None = None, host: bool = False) -> "RecordedCalls":
+        """The shared pool of ``path`` (one segment, or all of them in order).  A ``host`` path
+        (``replay/<path>``) is confined and read bounded (``bridge.paths``); the operator's
+        (``--replay-lm``) is not.  Blocks on the file: call it off the event loop."""
+        real = paths.confine(path) if host else os.path.realpath(path)
+        key = (real, segment)
         with _POOLS_LOCK:
             if key not in _POOLS:
-                _POOLS[key] = cls(path, _lm_records(path, segment))
+                _POOLS[key] = cls(path, _lm_records(path, segment, host))
             return _POOLS[key]
 
     def take(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -69,10 +72,13 @@ class RecordedCalls:
         return recorded
 
 
-def _lm_records(path: str, segment: int | None) -> list[dict[str, Any]]:
+def _lm_records(path: str, segment: int | None, host: bool) -> list[dict[str, Any]]:
     try:
-        segments = transcript.load(path)
-    except (OSError, transcript.TranscriptError) as exc:
+        if host:
+            segments = transcript.parse_lines(paths.read_file(path).decode("utf-8").splitlines(True), path)
+        else:
+            segments = transcript.load(path)
+    except (OSError, UnicodeDecodeError, transcript.TranscriptError) as exc:
         raise ValueError(f"cannot replay LM calls from {path}: {exc}") from None
     if segment is not None and not 0 <= segment < len(segments):
         raise ValueError(f"{path} has {len(segments)} segment(s), not a segment {segment}")
@@ -120,7 +126,7 @@ class ReplayEngine(OfflineEngine):
     def from_options(cls, path: str, options: dict[str, Any]) -> "ReplayEngine":
         """``replay/<path>`` with optional ``segment`` (default: all) and ``speed`` (default: no pacing)."""
         segment = int_option(options, "segment", None, 0)
-        return cls(RecordedCalls.of(path, segment), _speed(options.pop("speed", None)))
+        return cls(RecordedCalls.of(path, segment, host=True), _speed(options.pop("speed", None)))
 
     def plan(self, request: "Request", streaming: bool) -> Reply:
         recorded = self.calls.take(request_record(request))

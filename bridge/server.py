@@ -24,10 +24,11 @@ import anyio.lowlevel
 import anyio.to_thread
 import msgpack
 
-from . import __version__, framing, lm_metrics, protocol
+from . import __version__, framing, lm_metrics, paths, protocol
 from .context import Context, RequestClosed
 from .metrics import LmUsage, WorkerMetrics, idle_meta, request_meta
 from .protocol import ErrorType, PeerError
+from .redact import learn, redact
 from .registry import REGISTRY, Entry, Kind, Registry
 from .sessions import SessionStore
 from .tools import ToolBridge, ToolError
@@ -48,7 +49,11 @@ class Config(NamedTuple):
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
-    allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
+    allow_modules: tuple[str, ...] = ()  # module prefixes 'call' may reach beyond its table (--allow-module)
+    allow_names: tuple[str, ...] = ()  # exact 'call' targets added to the table (--allow)
+    allow_paths: tuple[str, ...] = ()  # directories host paths may lie in (--allow-path)
+    max_file_bytes: int = 64 * 1024 * 1024  # the largest file read for a host (--max-file-bytes)
+    allow_api_bases: tuple[str, ...] = ()  # URL prefixes a frame may send the operator's key to
     meta: bool = True  # ``meta`` on terminal frames (``--no-meta`` is the benchmark's baseline)
     telemetry: bool = False  # telemetry frames for every request, not only those asking
     slow_chunk_ms: float = 100.0  # a gap between chunks above this is a slow_chunk event
@@ -74,6 +79,7 @@ class Server:
     def __init__(self, config: Config, registry: Registry = REGISTRY) -> None:
         self.config = config
         self.registry = registry
+        paths.configure(config.allow_paths, config.max_file_bytes)
         self.started = time.monotonic()
         self.inflight: dict[Any, Inflight] = {}
         self.sessions = SessionStore(config.max_objects)
@@ -247,6 +253,8 @@ class Server:
             self.writer.send(event.frame)
 
     def _on_request(self, req: protocol.Request) -> None:
+        if req.args:
+            learn(req.args)  # a credential in any request is redacted by value from now on
         if self.shutting_down:
             self.metrics.reject(ErrorType.SHUTTING_DOWN)
             self.writer.send(protocol.error(req.id, ErrorType.SHUTTING_DOWN,
@@ -256,13 +264,13 @@ class Server:
         if entry is None:
             self.metrics.reject(ErrorType.UNKNOWN_COMMAND)
             self.writer.send(protocol.error(req.id, ErrorType.UNKNOWN_COMMAND,
-                                            f"unknown command {req.command!r}",
+                                            f"unknown command {protocol.quote(req.command)}",
                                             {"command": req.command, "available": self.registry.names()}))
             return
         if req.id in self.inflight:
             self.metrics.reject(ErrorType.DUPLICATE_ID)
             self.writer.send(protocol.error(None, ErrorType.DUPLICATE_ID,
-                                            f"request id {req.id!r} is already in flight", {"id": req.id}))
+                                            f"request id {protocol.quote(req.id)} is already in flight", {"id": req.id}))
             return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
@@ -320,9 +328,9 @@ class Server:
         encoded, run_command, run = [], "", 0
         for command, rid, value in replies:
             try:
-                encoded.append(framing.encode_result(prefix, rid, value))
+                encoded.append(framing.encode_result(prefix, redact(rid), redact(value)))
             except (TypeError, ValueError, OverflowError) as exc:
-                encoded.append(framing.encode(_unsendable(rid, exc), b"" if meta is None else framing.META_KEY + meta))
+                encoded.append(framing.encode(redact(_unsendable(rid, exc)), b"" if meta is None else framing.META_KEY + meta))
                 self.metrics.record(command, ms, ErrorType.HANDLER_ERROR, now)
                 continue
             if command is not run_command:

@@ -23,24 +23,23 @@ import functools
 import json
 import logging
 import os
-import re
 import time
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, BinaryIO, Callable, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, NamedTuple
 
 from . import __version__, framing, jsontags
+from .redact import redact
 
 FORMAT = 1
 BUFFER = 256 * 1024
 FLUSH_EVERY = 1.0  # seconds: the most a crash can lose, beyond what is still buffered when idle
 NOT_REPLAYED = {"command", "fds", "record", "record_append", "replay_lm", "replay_segment", "replay_speed"}
-SECRET = re.compile(r"(^|_)(key|token|secret|password|headers)$", re.I)  # api_key, azure_ad_token, extra_headers…
 VOLATILE_RESULTS = {"ping": ("time",), "stats": ("uptime_s", "rss_bytes", "bytes_out", "warm")}
 # stats' request metrics: timings, and counters that older recordings do not have
 UNCOMPARED_RESULTS = {"stats": ("requests", "errors", "latency_ms", "histogram_buckets", "lm",
-                                "lm_by_session")}
+                                "lm_by_session", "allow")}  # allow.paths: where the replayed transcript lies
 
 log = logging.getLogger("bridge.transcript")
 
@@ -104,15 +103,10 @@ def frame_fields(frame: Any, body: bytes) -> dict[str, Any]:
 
 
 def redacted(frame: dict) -> dict | None:
-    """An ``lm.configure`` request without its credentials (``api_key`` and the like), or None
-    when it has none: a transcript is meant to be shared, and replay never needs them."""
-    args = frame.get("args")
-    if frame.get("command") != "lm.configure" or not isinstance(args, dict):
-        return None
-    secrets = [k for k in args if isinstance(k, str) and SECRET.search(k)]
-    if not secrets:
-        return None
-    return {**frame, "args": {**args, **{k: "<redacted>" for k in secrets}}}
+    """A host frame without its secrets (``bridge.redact``), or None when it has none: a
+    transcript is meant to be shared, and replay never needs them."""
+    hidden = redact(frame)
+    return None if hidden is frame else hidden
 
 
 def _safely(method: Callable[..., None]) -> Callable[..., None]:
@@ -221,7 +215,7 @@ class Recorder:
         if self._broken:
             return True
         try:
-            line = (jsontags.dumps(record) + "\n").encode("utf-8")
+            line = (jsontags.dumps(redact(record)) + "\n").encode("utf-8")
         except (TypeError, ValueError):
             return False
         try:
@@ -259,16 +253,21 @@ class Segment(NamedTuple):
 
 def load(path: str | os.PathLike) -> list[Segment]:
     """Parse a transcript; raises ``TranscriptError`` naming the line that is wrong."""
-    segments: list[Segment] = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            record = parse_line(line, f"{path}:{lineno}", first=not segments)
-            if record is None:
-                continue
-            if "transcript" in record:
-                segments.append(Segment(record, []))
-            else:
-                segments[-1].records.append(record)
+        return parse_lines(f, path)
+
+
+def parse_lines(lines: Iterable[str], path: str | os.PathLike) -> list[Segment]:
+    """``load`` for lines already read (``path`` names them in errors)."""
+    segments: list[Segment] = []
+    for lineno, line in enumerate(lines, 1):
+        record = parse_line(line, f"{path}:{lineno}", first=not segments)
+        if record is None:
+            continue
+        if "transcript" in record:
+            segments.append(Segment(record, []))
+        else:
+            segments[-1].records.append(record)
     if not segments:
         raise TranscriptError(f"{path}: empty")
     return segments

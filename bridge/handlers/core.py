@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .. import allowlist
 from ..context import Context
 from ..registry import handler
 
@@ -47,4 +48,5 @@ def stats(args: dict, ctx: Context) -> dict[str, Any]:
         "objects": server.sessions.object_count,
         **server.metrics.snapshot(),  # requests, errors, latency_ms, histogram_buckets, lm
         "lm_by_session": server.sessions.lm_usage(),
+        "allow": allowlist.of(server.config).describe(),  # what 'call' and host paths may reach
     }

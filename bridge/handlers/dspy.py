@@ -18,7 +18,7 @@ import anyio
 from ..context import Context
 from ..lm import build_lm
 from ..programs import Program, build_program, load_program, outputs
-from ..protocol import ErrorType, PeerError, int_arg
+from ..protocol import ErrorType, PeerError, int_arg, quote
 from ..registry import REGISTRY, handler
 from ..tasks import each
 
@@ -74,7 +74,7 @@ def session_lm(ctx: Context) -> Any:
     session = ctx.session
     if session.lm is None:
         raise PeerError("lm_not_configured",
-                        f"session {session.id!r} has no language model: send lm.configure {{model, ...}} "
+                        f"session {quote(session.id)} has no language model: send lm.configure {{model, ...}} "
                         "in this session first, e.g. {\"model\": \"openai/gpt-4o-mini\"} or "
                         "{\"model\": \"scripted/demo\", \"script\": [{\"answer\": \"42\"}]}")
     return session.lm
@@ -83,7 +83,7 @@ def session_lm(ctx: Context) -> Any:
 def stored(ctx: Context, ref: Any) -> Program:
     program = ctx.session.get(ref)
     if not isinstance(program, Program):
-        raise PeerError("unknown_ref", f"{ref!r} is not a program in session {ctx.session.id!r}")
+        raise PeerError("unknown_ref", f"{quote(ref)} is not a program in session {quote(ctx.session.id)}")
     return program
 
 
@@ -146,10 +146,12 @@ def concurrency(args: dict[str, Any]) -> int:
 
 @handler("lm.configure", needs_dspy=True)
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
-    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines)."""
+    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines).
+    Built in a worker thread: ``replay/<path>`` reads a file."""
     options = {k: v for k, v in args.items() if k not in ("model", "price")}
+    check_api_base(options, ctx.server.config.allow_api_bases)
     try:
-        lm = build_lm(args.get("model"), options)
+        lm = await anyio.to_thread.run_sync(build_lm, args.get("model"), options, limiter=ctx.server.limiter)
     except (ValueError, TypeError) as exc:
         raise PeerError(ErrorType.BAD_REQUEST, f"cannot configure the LM: {exc}") from None
     if "price" in args:
@@ -157,6 +159,33 @@ async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
     session = ctx.session
     session.lm = lm
     return {"model": lm.model, "session_id": session.id}
+
+
+def check_api_base(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """An ``api_base``/``base_url`` goes with the frame's own ``api_key``, or matches an
+    ``--allow-api-base`` prefix: no frame sends the operator's key to a URL of its choosing."""
+    from urllib.parse import urlsplit
+
+    for key in ("api_base", "base_url"):
+        url = options.get(key)
+        if url is None or (isinstance(options.get("api_key"), str) and options["api_key"]):
+            continue
+        if isinstance(url, str) and any(_url_under(urlsplit(url), urlsplit(prefix)) for prefix in allowed):
+            continue
+        raise PeerError(ErrorType.FORBIDDEN, f"'{key}' {quote(url)} needs an 'api_key' in the same frame, or a "
+                        "URL under an --allow-api-base prefix", {"key": key, "url": url if isinstance(url, str)
+                                                                 else quote(url)})
+
+
+def _url_under(url: Any, prefix: Any) -> bool:
+    """Same scheme, host and port, and a path under the prefix's (so ``http://localhost`` does
+    not admit ``http://localhost.evil.example``)."""
+    try:
+        same = (url.scheme, url.hostname, url.port) == (prefix.scheme, prefix.hostname, prefix.port)
+    except ValueError:  # a port that is not a number
+        return False
+    base = prefix.path.rstrip("/")
+    return same and bool(url.scheme) and (url.path == base or url.path.startswith(base + "/"))
 
 
 def price_option(price: Any) -> tuple[float, float]:

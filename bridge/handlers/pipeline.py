@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..context import Context
-from ..protocol import ErrorType, PeerError
+from ..protocol import ErrorType, PeerError, quote
 from ..registry import handler
 
 if TYPE_CHECKING:  # the pipeline modules load after ``ready``, with the DSPy warm-up
@@ -45,7 +45,7 @@ async def pipeline_run(args: dict, ctx: Context) -> dict[str, Any]:
     if "name" in args:
         steps = ctx.session.data.get(STORE, {}).get(args["name"]) if isinstance(args["name"], str) else None
         if steps is None:
-            raise PeerError("unknown_pipeline", f"session {ctx.session.id!r} has no pipeline {args['name']!r}")
+            raise PeerError("unknown_pipeline", f"session {quote(ctx.session.id)} has no pipeline {quote(args['name'])}")
     else:
         steps = checked(args["steps"])
     from ..pipelines import run_pipeline
