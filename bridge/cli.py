@@ -71,6 +71,11 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="with --replay-lm: recorded LM pacing, X times faster (default: no waiting)")
 
 
+TRUST_OPTIONS = (("--handlers", "handlers"), ("--allow-module", "allow_modules"), ("--allow", "allow_names"),
+                 ("--allow-path", "allow_paths"), ("--allow-api-base", "allow_api_bases"))
+"""Serve options that widen what a worker trusts: ``bridge replay`` takes them only from its command line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
     sub = parser.add_subparsers(dest="command")
@@ -87,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for a frame the recording says comes (default 10)")
     replay.add_argument("--record", metavar="PATH",
                         help="also record the replayed run to PATH (follow it live with bridge stats --watch PATH)")
+    for flag, dest in TRUST_OPTIONS:
+        replay.add_argument(flag, action="append", dest=dest, metavar="VALUE",
+                            help=f"serve option {flag} for the replay worker (never taken from the transcript)")
+    replay.add_argument("--diagnostics", action="store_true", help="serve option --diagnostics for the replay worker")
     transcript = sub.add_parser("transcript", help="work with transcripts")
     transcript.add_argument("action", choices=["show"])
     transcript.add_argument("path")
@@ -174,8 +183,9 @@ def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> 
 def cmd_replay(opts: argparse.Namespace) -> int:
     from . import replay
 
+    trust = {dest: getattr(opts, dest) for _, dest in TRUST_OPTIONS} | {"diagnostics": opts.diagnostics}
     return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout,
-                      record=opts.record)
+                      record=opts.record, trust=trust)
 
 
 @_subcommand

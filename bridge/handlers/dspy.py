@@ -21,6 +21,7 @@ from ..programs import Program, build_program, load_program, outputs
 from ..protocol import ErrorType, PeerError, int_arg, quote
 from ..registry import REGISTRY, handler
 from ..tasks import each
+from ..typenames import SignatureError
 
 DEFAULT_CONCURRENCY = 8
 
@@ -31,6 +32,9 @@ def warm_up() -> None:
     import dspy  # noqa: F401
 
     from .. import calls, optimize, pipelines, react, scripted, streaming  # noqa: F401
+    from ..typenames import guard_dspy_parser
+
+    guard_dspy_parser()  # a signature string reaching DSPy by any route imports nothing
 
 
 # ---- errors ------------------------------------------------------------------------
@@ -53,14 +57,17 @@ def bad_request() -> Iterator[None]:
     try:
         yield
     except ValueError as exc:
-        raise PeerError(ErrorType.BAD_REQUEST, str(exc)) from None
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc), getattr(exc, "details", None)) from None
 
 
 @contextmanager
 def reported() -> Iterator[None]:
-    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``."""
+    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``;
+    a signature with a type outside the table (``bridge.typenames``) is ``bad_request``."""
     try:
         yield
+    except SignatureError as exc:
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc), exc.details) from None
     except Exception as exc:
         peer = dspy_error(exc)
         if peer is None:
