@@ -75,20 +75,25 @@ def read_file(path: Any) -> bytes:
     """The bytes of a confined regular file of at most ``max_bytes``.  Blocks: call it in a thread."""
     real, limit = confine(path), _policy.max_bytes
     try:
+        _regular(path, os.stat(real))  # not even opened otherwise: opening a FIFO wakes its writer
         fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise PeerError(ErrorType.BAD_REQUEST, f"cannot read {quote(str(path))}: {exc.strerror}",
                         {"path": str(path)}) from None
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise forbidden(str(path), "not a regular file")
+        info = _regular(path, os.fstat(fd))  # the file opened is the file checked
         if info.st_size > limit:
             raise too_large(str(path), info.st_size, limit)
         data = file.read(limit + 1)  # the file may have grown since fstat
     if len(data) > limit:
         raise too_large(str(path), len(data), limit)
     return data
+
+
+def _regular(path: Any, info: os.stat_result) -> os.stat_result:
+    if not stat.S_ISREG(info.st_mode):
+        raise forbidden(str(path), "not a regular file")
+    return info
 
 
 def too_large(path: str, size: int, limit: int) -> PeerError:

@@ -86,13 +86,13 @@ def _arguments(part: str, offset: int) -> list[tuple[str, Any]]:
         raise SignatureError(f"bad signature fields {quote(part.strip())}: a list of name or name: type") from None
     if parameters.posonlyargs or parameters.vararg or parameters.kwonlyargs or parameters.kwarg or parameters.defaults:
         raise SignatureError(f"bad signature fields {quote(part.strip())}: only name or name: type")
-    resolver = _Resolver(lambda node: offset + _char_offset(source, node) - len("def f("), source)
+    lines = source.splitlines(True)
+    resolver = _Resolver(lambda node: offset + _char_offset(lines, node) - len("def f("), source)
     return [(arg.arg, None if arg.annotation is None else resolver.type(arg.annotation)) for arg in parameters.args]
 
 
-def _char_offset(source: str, node: ast.AST) -> int:
-    """``node``'s character offset in ``source`` (ast counts columns in UTF-8 bytes)."""
-    lines = source.splitlines(True)
+def _char_offset(lines: list[str], node: ast.AST) -> int:
+    """``node``'s character offset in the source of ``lines`` (ast counts columns in UTF-8 bytes)."""
     before = sum(len(line) for line in lines[:node.lineno - 1])  # type: ignore[attr-defined]
     line = lines[node.lineno - 1]  # type: ignore[attr-defined]
     return before + len(line.encode()[:node.col_offset].decode(errors="ignore"))  # type: ignore[attr-defined]
@@ -103,11 +103,17 @@ class _Resolver:
 
     def __init__(self, position: Callable[[ast.AST], Any], source: str) -> None:
         self.position = position
-        self.source = source
+        self.lines = source.splitlines(True)
 
     def fail(self, node: ast.AST) -> SignatureError:
-        text = ast.get_source_segment(self.source, node) or ast.dump(node)
-        return unknown(text, self.position(node))
+        return unknown(self.text(node), self.position(node))
+
+    def text(self, node: Any) -> str:
+        """``node``'s source (``ast.get_source_segment`` splits lines in Python: slow on megabytes)."""
+        first, last = node.lineno - 1, node.end_lineno - 1
+        data = "".join(self.lines[first:last + 1]).encode()
+        end = len(data) - len(self.lines[last].encode()) + node.end_col_offset
+        return data[node.col_offset:end].decode(errors="ignore")
 
     def type(self, node: ast.AST) -> Any:
         if isinstance(node, (ast.Name, ast.Attribute)):

@@ -180,7 +180,7 @@ def check_api_base(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
         if isinstance(url, str) and any(_url_under(urlsplit(url), urlsplit(prefix)) for prefix in allowed):
             continue
         raise PeerError(ErrorType.FORBIDDEN, f"'{key}' {quote(url)} needs an 'api_key' in the same frame, or a "
-                        "URL under an --allow-api-base prefix", {"key": key, "url": url if isinstance(url, str)
+                        "URL under an --allow-api-base prefix", {"option": key, "url": url if isinstance(url, str)
                                                                  else quote(url)})
 
 
