@@ -57,11 +57,25 @@ defmodule DSPyBridge.WorkerTest do
       assert hint =~ "status 2" and hint =~ "args:"
     end
 
+    test "codec: replaces the codec for every frame both ways" do
+      alias DSPyBridge.CountingCodec
+      {packs, unpacks} = {CountingCodec.get(:pack), CountingCodec.get(:unpack)}
+      w = start_worker!(codec: CountingCodec)
+      assert {:ok, %{"a" => 1}} = DSPyBridge.call(w, "echo", %{a: 1})
+      # ready and the result were decoded, the request encoded, by the codec given
+      assert CountingCodec.get(:pack) - packs >= 1 and CountingCodec.get(:unpack) - unpacks >= 2
+    end
+
     test "env: reaches the worker; on_start runs with the worker before start_link returns" do
       me = self()
       on_start = fn w -> send(me, {:on_start, w, DSPyBridge.call(w, "ping", %{})}) end
-      w = start_worker!(env: [{"DSPY_BRIDGE_TEST_VAR", "42"}], on_start: on_start)
+      env = [{"DSPY_BRIDGE_TEST_VAR", "42"}]
+      w = start_worker!(env: env, on_start: on_start, args: ["--allow-module", "os"])
       assert_received {:on_start, ^w, {:ok, %{"pong" => true}}}
+
+      assert {:ok, "42"} =
+               DSPyBridge.call(w, "call", %{target: "os.getenv", args: ["DSPY_BRIDGE_TEST_VAR"]})
+
       assert {:error, {:on_start, :nope}} = Worker.start(on_start: fn _ -> {:error, :nope} end)
     end
   end
