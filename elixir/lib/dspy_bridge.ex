@@ -77,12 +77,25 @@ defmodule DSPyBridge do
 
   @doc "Cancels a request started with `async/4`; its terminal message still comes. `:ok` for any ref."
   @spec cancel(worker, reference) :: :ok
-  def cancel(worker, ref), do: GenServer.cast(worker, {:cancel, ref})
+  def cancel(worker, ref), do: cast(worker, {:cancel, ref})
 
   @doc "Grants `n` more chunks to a request started with `async/4` and `window:`."
   @spec credit(worker, reference, pos_integer) :: :ok
-  def credit(worker, ref, n) when is_integer(n) and n > 0,
-    do: GenServer.cast(worker, {:credit, ref, n})
+  def credit(worker, ref, n) when is_integer(n) and n > 0, do: cast(worker, {:credit, ref, n})
+
+  # A pool does not know which of its workers holds a ref: every one gets the
+  # message, and those that do not know the ref ignore it.
+  defp cast(target, message) do
+    case DSPyBridge.Pool.lookup(target) do
+      nil ->
+        GenServer.cast(target, message)
+
+      config ->
+        for pid <- DSPyBridge.Pool.all_workers(target, config), do: GenServer.cast(pid, message)
+    end
+
+    :ok
+  end
 
   @doc """
   A lazy stream of a request's chunks, `{:chunk, data}`, then `{:result, data}`.
@@ -176,14 +189,22 @@ defmodule DSPyBridge do
       tools: opts[:tools] || %{}
     }
 
-    try do
-      GenServer.call(worker, {:request, ref, id, frame, req}, :infinity)
-    catch
-      :exit, reason -> {:error, Error.worker_exit(exit_reason(reason))}
-    else
-      {:ok, pid} -> {:ok, ref, pid}
-      {:raise, exception} -> raise exception
+    send_fun = &send_request(&1, {:request, ref, id, frame, req})
+
+    case DSPyBridge.Pool.lookup(worker) do
+      nil -> send_fun.(worker)
+      config -> DSPyBridge.Pool.request(worker, config, opts[:session_id], command, send_fun)
     end
+  end
+
+  defp send_request(worker, {:request, ref, _, _, _} = message) do
+    GenServer.call(worker, message, :infinity)
+  catch
+    :exit, reason -> {:error, Error.worker_exit(exit_reason(reason))}
+  else
+    {:ok, pid} -> {:ok, ref, pid}
+    {:raise, exception} -> raise exception
+    {:error, error} -> {:error, error}
   end
 
   defp put(map, _key, nil), do: map

@@ -138,6 +138,7 @@ defmodule DSPyBridge.RequestsTest do
       end
     end
 
+    @tag :capture_log
     test "kill -9: in-flight callers get worker_exit 137; restarted, on_start runs again, next call works" do
       me = self()
       name = :"worker_#{System.unique_integer([:positive])}"

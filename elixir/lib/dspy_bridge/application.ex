@@ -4,7 +4,12 @@ defmodule DSPyBridge.Application do
 
   @impl true
   def start(_type, _args) do
-    children = [{Task.Supervisor, name: DSPyBridge.TaskSupervisor}]
+    # :pg scope :dspy_bridge: pools' workers ({:pool, name}) and sessions ({:session, id})
+    children = [
+      {Task.Supervisor, name: DSPyBridge.TaskSupervisor},
+      %{id: :pg, start: {:pg, :start_link, [:dspy_bridge]}}
+    ]
+
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPyBridge.Supervisor)
   end
 end

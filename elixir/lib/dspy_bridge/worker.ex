@@ -51,7 +51,10 @@ defmodule DSPyBridge.Worker do
     :codec,
     :start_timeout,
     :name,
-    :id
+    :id,
+    # set by DSPyBridge.Pool for its workers
+    :pool,
+    :max_in_flight
   ]
 
   defstruct [
@@ -60,6 +63,9 @@ defmodule DSPyBridge.Worker do
     :info,
     :tools,
     :emit,
+    :pool,
+    :load,
+    max_in_flight: :infinity,
     reqs: %{},
     refs: %{},
     mons: %{},
@@ -89,6 +95,15 @@ defmodule DSPyBridge.Worker do
   def child_spec(opts) do
     %{id: Keyword.get(opts, :id, __MODULE__), start: {__MODULE__, :start_link, [opts]}}
   end
+
+  @doc """
+  Sends the worker `shutdown`, waits up to `timeout` ms for the Python process
+  to exit, and stops with reason `:normal` (a `:transient` child stays down).
+  Returns the exit status, or `:timeout` (the port is then closed).
+  """
+  @spec shutdown(server, timeout) :: {:ok, non_neg_integer | :timeout}
+  def shutdown(worker, timeout \\ 30_000),
+    do: GenServer.call(worker, {:shutdown, timeout}, :infinity)
 
   @doc "The worker's `ready` frame: `\"version\"`, `\"pid\"` (the OS pid), `\"commands\"`, `\"capabilities\"`."
   @spec info(server) :: map
@@ -127,18 +142,29 @@ defmodule DSPyBridge.Worker do
 
     case DSPyBridge.Launch.open(opts, codec) do
       {:ok, port, ready} ->
-        {:ok,
-         %__MODULE__{
-           port: port,
-           codec: codec,
-           info: Map.delete(ready, "type"),
-           tools: Keyword.get(opts, :tools, %{}),
-           emit: emitter(opts[:telemetry_handler])
-         }}
+        st = %__MODULE__{
+          port: port,
+          codec: codec,
+          info: Map.delete(ready, "type"),
+          tools: Keyword.get(opts, :tools, %{}),
+          emit: emitter(opts[:telemetry_handler]),
+          max_in_flight: Keyword.get(opts, :max_in_flight, :infinity)
+        }
+
+        {:ok, join_pool(st, opts[:pool])}
 
       {:error, reason} ->
         {:stop, reason}
     end
+  end
+
+  # A pool's worker publishes its requests in flight in an atomics the pool reads to route.
+  defp join_pool(st, nil), do: st
+
+  defp join_pool(st, pool) do
+    load = :atomics.new(1, signed: false)
+    :ok = DSPyBridge.Pool.Manager.register(pool, self(), load, st.info["pid"])
+    %{st | pool: pool, load: load}
   end
 
   defp emitter(handler) do
@@ -150,11 +176,33 @@ defmodule DSPyBridge.Worker do
   @impl true
   def handle_call(:info, _from, st), do: {:reply, st.info, st}
 
+  def handle_call({:request, _, _, _, _}, _from, %{reqs: reqs, max_in_flight: max} = st)
+      when map_size(reqs) >= max do
+    {:reply, {:error, DSPyBridge.Pool.overloaded(max)}, st}
+  end
+
   def handle_call({:request, ref, id, frame, req}, {caller, _}, st) do
     Port.command(st.port, st.codec.pack!(frame))
     register(st, ref, id, req, caller)
   rescue
     e in ArgumentError -> {:reply, {:raise, e}, st}
+  end
+
+  def handle_call({:shutdown, timeout}, _from, st) do
+    st = send_frame(st, %{"type" => "shutdown"})
+    port = st.port
+
+    status =
+      receive do
+        {^port, {:exit_status, status}} -> status
+      after
+        timeout ->
+          Port.close(port)
+          :timeout
+      end
+
+    st = fail_all(%{st | port: nil}, Error.worker_exit(status))
+    {:stop, :normal, {:ok, status}, st}
   end
 
   def handle_call({:abandon, ref}, _from, st) do
@@ -179,7 +227,7 @@ defmodule DSPyBridge.Worker do
         mons: Map.put(st.mons, mon, id)
     }
 
-    {:reply, {:ok, self()}, st}
+    {:reply, {:ok, self()}, publish_load(st)}
   end
 
   @impl true
@@ -209,12 +257,11 @@ defmodule DSPyBridge.Worker do
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = st) do
     st = fail_all(%{st | port: nil}, Error.worker_exit(status))
-    {:stop, if(status == 0, do: :normal, else: {:shutdown, {:worker_exit, status}}), st}
+    {:stop, if(status == 0, do: :normal, else: {:worker_exit, status}), st}
   end
 
   def handle_info({:EXIT, port, reason}, %{port: port} = st) do
-    {:stop, {:shutdown, {:worker_exit, reason}},
-     fail_all(%{st | port: nil}, Error.worker_exit(reason))}
+    {:stop, {:worker_exit, reason}, fail_all(%{st | port: nil}, Error.worker_exit(reason))}
   end
 
   def handle_info({:DOWN, mon, :process, _pid, reason}, st) do
@@ -302,6 +349,7 @@ defmodule DSPyBridge.Worker do
 
         emit(st, event, meta || %{}, metadata(req, id, extra))
         send(req.caller, {:dspy_bridge, req.ref, outcome})
+        session_outcome(st, req, outcome)
         finish(st, id)
 
       _ ->
@@ -313,7 +361,37 @@ defmodule DSPyBridge.Worker do
     {req, reqs} = Map.pop(st.reqs, id)
     Process.demonitor(req.mon, [:flush])
     cancel_timer(req.timer)
-    %{st | reqs: reqs, refs: Map.delete(st.refs, req.ref), mons: Map.delete(st.mons, req.mon)}
+
+    publish_load(%{
+      st
+      | reqs: reqs,
+        refs: Map.delete(st.refs, req.ref),
+        mons: Map.delete(st.mons, req.mon)
+    })
+  end
+
+  defp publish_load(%{load: nil} = st), do: st
+
+  defp publish_load(st) do
+    :atomics.put(st.load, 1, map_size(st.reqs))
+    st
+  end
+
+  # A pool forgets a session this worker no longer holds: closed, or unknown to the worker.
+  defp session_outcome(%{pool: nil}, _req, _outcome), do: :ok
+  defp session_outcome(_st, %{session_id: nil}, _outcome), do: :ok
+
+  defp session_outcome(st, %{session_id: sid, command: command}, outcome) do
+    case outcome do
+      {:result, _} when command == "session.close" ->
+        DSPyBridge.Pool.Manager.session_gone(st.pool, sid, self())
+
+      {:error, %Error{type: "unknown_session"}} ->
+        DSPyBridge.Pool.Manager.session_gone(st.pool, sid, self())
+
+      _ ->
+        :ok
+    end
   end
 
   defp caller_down(st, id), do: st |> send_frame(%{"type" => "cancel", "id" => id}) |> finish(id)

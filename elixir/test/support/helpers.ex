@@ -37,4 +37,11 @@ defmodule DSPyBridge.TestHelpers do
         end
     end
   end
+
+  @doc "Starts a pool not linked to the calling process (for :erpc calls onto a peer node)."
+  def start_unlinked_pool(opts) do
+    {:ok, pid} = DSPyBridge.Pool.start_link(opts)
+    Process.unlink(pid)
+    :ok
+  end
 end
