@@ -20,18 +20,28 @@ defmodule DSPyBridge.Bench.Pool do
       end
 
     {_, base_predict, base_echo} = hd(rows)
-    IO.puts("schedulers #{System.schedulers_online()}, #{@callers} concurrent callers, median of #{@runs} runs\n")
+
+    IO.puts(
+      "schedulers #{System.schedulers_online()}, #{@callers} concurrent callers, median of #{@runs} runs\n"
+    )
+
     IO.puts("| pool size | dspy.predict req/s | ratio | echo req/s | ratio |")
     IO.puts("|---|---|---|---|---|")
 
     for {size, p, e} <- rows do
-      IO.puts("| #{size} | #{round(p)} | #{fmt(p / base_predict)} | #{round(e)} | #{fmt(e / base_echo)} |")
+      IO.puts(
+        "| #{size} | #{round(p)} | #{fmt(p / base_predict)} | #{round(e)} | #{fmt(e / base_echo)} |"
+      )
     end
   end
 
   defp start(size) do
     name = :"bench_pool_#{size}"
-    on_start = fn w -> {:ok, _} = DSPy.configure_lm(w, "scripted/bench", %{"script" => @script}) end
+
+    on_start = fn w ->
+      {:ok, _} = DSPy.configure_lm(w, "scripted/bench", %{"script" => @script})
+    end
+
     {:ok, _} = Pool.start_link(name: name, size: size, worker: [on_start: on_start])
     # warm up every worker
     throughput(name, 200 * size, &predict/2)
@@ -49,14 +59,20 @@ defmodule DSPyBridge.Bench.Pool do
     started = System.monotonic_time()
 
     1..@callers
-    |> Enum.map(fn c -> Task.async(fn -> for i <- 1..per_caller, do: fun.(pool, c * per_caller + i) end) end)
+    |> Enum.map(fn c ->
+      Task.async(fn -> for i <- 1..per_caller, do: fun.(pool, c * per_caller + i) end)
+    end)
     |> Task.await_many(:infinity)
 
-    seconds = System.convert_time_unit(System.monotonic_time() - started, :native, :microsecond) / 1.0e6
+    seconds =
+      System.convert_time_unit(System.monotonic_time() - started, :native, :microsecond) / 1.0e6
+
     per_caller * @callers / seconds
   end
 
-  defp median(fun), do: 1..@runs |> Enum.map(fn _ -> fun.() end) |> Enum.sort() |> Enum.at(div(@runs, 2))
+  defp median(fun),
+    do: 1..@runs |> Enum.map(fn _ -> fun.() end) |> Enum.sort() |> Enum.at(div(@runs, 2))
+
   defp fmt(x), do: :erlang.float_to_binary(x, decimals: 2)
 end
 

@@ -133,6 +133,20 @@ defmodule DSPyBridge.PoolTest do
     eventually(fn -> length(pids(pool)) == 2 and victim.pid not in pids(pool) end)
   end
 
+  test "credit and cancel by ref through the pool's name" do
+    pool = start_pool!(size: 2, worker: [args: ["--diagnostics"]])
+    {:ok, ref} = DSPyBridge.async(pool, "stream_count", %{n: 4}, window: 2)
+    for i <- 0..1, do: assert_receive({:dspy_bridge, ^ref, {:chunk, ^i}}, 5000)
+    refute_receive {:dspy_bridge, ^ref, _}, 100
+    :ok = DSPyBridge.credit(pool, ref, 2)
+    for i <- 2..3, do: assert_receive({:dspy_bridge, ^ref, {:chunk, ^i}}, 5000)
+    assert_receive {:dspy_bridge, ^ref, {:result, nil}}, 5000
+
+    {:ok, ref} = DSPyBridge.async(pool, "sleep", %{seconds: 30})
+    :ok = DSPyBridge.cancel(pool, ref)
+    assert_receive {:dspy_bridge, ^ref, {:error, %Error{type: "cancelled"}}}, 5000
+  end
+
   test "max_in_flight: 10 and 100 callers: the excess gets overloaded at once, nothing hangs" do
     pool = start_pool!(size: 1, max_in_flight: 10, worker: [args: ["--diagnostics"]])
 

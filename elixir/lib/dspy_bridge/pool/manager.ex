@@ -104,10 +104,15 @@ defmodule DSPyBridge.Pool.Manager do
   end
 
   def handle_call({:join, id, pid}, _from, st) do
-    [{_, _, os_pid}] = :ets.lookup(st.name, {:worker, pid})
-    :pg.join(@scope, {:session, id}, pid)
-    :ets.insert(st.name, {{:session, id}, pid, os_pid})
-    {:reply, {:ok, os_pid}, st}
+    case :ets.lookup(st.name, {:worker, pid}) do
+      [{_, _, os_pid}] ->
+        :pg.join(@scope, {:session, id}, pid)
+        :ets.insert(st.name, {{:session, id}, pid, os_pid})
+        {:reply, {:ok, os_pid}, st}
+
+      [] ->
+        {:reply, {:error, Error.worker_exit(:noproc)}, st}
+    end
   end
 
   def handle_call(:info, _from, st) do
@@ -141,13 +146,13 @@ defmodule DSPyBridge.Pool.Manager do
     for {pid, _, os_pid} <- workers(st.name) do
       left = max(deadline - System.monotonic_time(:millisecond), 1000)
 
-      case Worker.shutdown(pid, left) do
+      case safe_call(fn -> Worker.shutdown(pid, left) end) do
         {:ok, 0} ->
           :ok
 
-        {:ok, status} ->
+        other ->
           Logger.warning(
-            "dspy_bridge: worker #{os_pid} of #{inspect(st.name)} ended with #{inspect(status)}"
+            "dspy_bridge: worker #{os_pid} of #{inspect(st.name)}: #{inspect(other)}"
           )
       end
     end
@@ -171,9 +176,11 @@ defmodule DSPyBridge.Pool.Manager do
   # ---- sessions ------------------------------------------------------------------
 
   defp new_owner(st, id, command) do
-    case :pg.get_members(@scope, {:session, id}) do
-      [pid | _] -> {:reply, {:ok, pid}, cache(st, id, pid, Worker.info(pid)["pid"])}
-      [] -> place(st, id, command)
+    with [pid | _] <- :pg.get_members(@scope, {:session, id}),
+         %{"pid" => os_pid} <- safe_call(fn -> Worker.info(pid) end) do
+      {:reply, {:ok, pid}, cache(st, id, pid, os_pid)}
+    else
+      _ -> place(st, id, command)
     end
   end
 
@@ -195,8 +202,17 @@ defmodule DSPyBridge.Pool.Manager do
   end
 
   defp place_on(st, id, {:ok, pid}) do
-    {:ok, os_pid} = GenServer.call({st.name, node(pid)}, {:join, id, pid})
-    {:reply, {:ok, pid}, cache(st, id, pid, os_pid)}
+    case safe_call(fn -> GenServer.call({st.name, node(pid)}, {:join, id, pid}) end) do
+      {:ok, os_pid} -> {:reply, {:ok, pid}, cache(st, id, pid, os_pid)}
+      {:error, error} -> {:reply, {:error, error}, st}
+    end
+  end
+
+  # A call to another process (maybe on a node that just went down) must not take the manager down.
+  defp safe_call(fun) do
+    fun.()
+  catch
+    :exit, reason -> {:error, Error.worker_exit(reason)}
   end
 
   defp cache(st, id, pid, os_pid) do
