@@ -16,11 +16,12 @@ defmodule DSPyBridge do
     * `tools:` `%{name => fun/2}`, merged over the worker's own tools.
 
   A worker that is dead or not registered gives a `worker_exit` error, never an exit signal.
+  Wherever a worker is expected, the name of a `DSPyBridge.Pool` works too.
   """
 
   alias DSPyBridge.Error
 
-  @typedoc "A worker pid or name."
+  @typedoc "A worker pid or name, or a pool's name."
   @type worker :: GenServer.server()
   @typedoc "Request options (see the module doc)."
   @type option ::

@@ -198,14 +198,15 @@ defmodule DSPyBridge.Pool do
   end
 
   @doc false
-  # The least-loaded local worker under the limit, else (distributed) a random remote one.
+  # The local worker under the limit with the fewest requests in flight, then the
+  # fewest sessions (ties at random); else (distributed) a random remote one.
   @spec pick(name, map) :: {:ok, pid} | {:error, Error.t()}
   def pick(pool, config) do
     loads =
-      for {pid, load, _} <- Manager.workers(pool),
+      for {pid, load, _, sessions} <- Manager.workers(pool),
           n <- [:atomics.get(load, 1)],
           n < config.max_in_flight,
-          do: {n, pid}
+          do: {{n, sessions}, pid}
 
     case loads do
       [] -> remote(pool, config)
@@ -240,7 +241,7 @@ defmodule DSPyBridge.Pool do
 
   def all_workers(pool, _config), do: local_pids(pool)
 
-  defp local_pids(pool), do: for({pid, _, _} <- Manager.workers(pool), do: pid)
+  defp local_pids(pool), do: for({pid, _, _, _} <- Manager.workers(pool), do: pid)
 
   @doc false
   @spec overloaded(non_neg_integer | :infinity) :: Error.t()

@@ -38,13 +38,14 @@ defmodule DSPyBridge.Tools do
   @doc """
   Encodes the `rpc_response` frame for `outcome` with `codec`.
 
-  A result the codec refuses is answered as an `encode_error` instead.
+  A result the codec refuses (whatever it raises) is answered as an `encode_error` instead.
   """
   @spec response(term, outcome, module) :: iodata
   def response(rpc_id, {:ok, value}, codec) do
     codec.pack!(%{"type" => "rpc_response", "rpc_id" => rpc_id, "ok" => true, "result" => value})
   rescue
-    e in ArgumentError -> response(rpc_id, {:error, "encode_error", Exception.message(e)}, codec)
+    # any codec's refusal (ArgumentError for DSPyBridge.Msgpack, Msgpax.PackError for Msgpax)
+    e -> response(rpc_id, {:error, "encode_error", Exception.message(e)}, codec)
   end
 
   def response(rpc_id, {:error, type, message}, codec) do

@@ -15,7 +15,7 @@ defmodule DSPyBridge.Worker do
       ]
 
   Use `DSPyBridge.call/4`, `DSPyBridge.stream/4` and `DSPyBridge.async/4` to
-  talk to it; this module only starts it and answers `info/1`.
+  talk to it; this module starts it, answers `info/1` and stops it with `shutdown/2`.
   """
   use GenServer
   require Logger
@@ -25,7 +25,7 @@ defmodule DSPyBridge.Worker do
   @typedoc "A worker: its pid or any GenServer name."
   @type server :: GenServer.server()
 
-  @typedoc "Options of `start_link/1` and `start/1` (see the README of `docs/elixir.md`)."
+  @typedoc "Options of `start_link/1` and `start/1` (see `docs/elixir.md`)."
   @type option ::
           {:python, String.t()}
           | {:args, [String.t()]}
@@ -182,10 +182,14 @@ defmodule DSPyBridge.Worker do
   end
 
   def handle_call({:request, ref, id, frame, req}, {caller, _}, st) do
-    Port.command(st.port, st.codec.pack!(frame))
-    register(st, ref, id, req, caller)
-  rescue
-    e in ArgumentError -> {:reply, {:raise, e}, st}
+    case encode(st.codec, frame) do
+      {:ok, iodata} ->
+        Port.command(st.port, iodata)
+        register(st, ref, id, req, caller)
+
+      {:error, exception} ->
+        {:reply, {:raise, exception}, st}
+    end
   end
 
   def handle_call({:shutdown, timeout}, _from, st) do
@@ -248,11 +252,10 @@ defmodule DSPyBridge.Worker do
 
   @impl true
   def handle_info({port, {:data, data}}, %{port: port} = st) do
-    {:noreply, data |> st.codec.unpack!() |> frame(st)}
-  rescue
-    e in ArgumentError ->
-      Logger.error("dspy_bridge: undecodable frame from the worker: #{Exception.message(e)}")
-      {:noreply, st}
+    case decode(st.codec, data) do
+      {:ok, decoded} -> {:noreply, frame(decoded, st)}
+      :error -> {:noreply, st}
+    end
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = st) do
@@ -487,6 +490,21 @@ defmodule DSPyBridge.Worker do
   # ---- the port ------------------------------------------------------------------
 
   defp send_frame(st, frame), do: write(st, st.codec.pack!(frame))
+
+  # The codec raises what it likes (ArgumentError here, Msgpax.PackError for Msgpax).
+  defp encode(codec, term) do
+    {:ok, codec.pack!(term)}
+  rescue
+    e -> {:error, e}
+  end
+
+  defp decode(codec, data) do
+    {:ok, codec.unpack!(data)}
+  rescue
+    e ->
+      Logger.error("dspy_bridge: undecodable frame from the worker: #{Exception.message(e)}")
+      :error
+  end
 
   defp write(%{port: nil} = st, _iodata), do: st
 

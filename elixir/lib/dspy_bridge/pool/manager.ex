@@ -4,7 +4,7 @@ defmodule DSPyBridge.Pool.Manager do
   assigns sessions to workers one at a time, and remembers lost sessions.
 
   The table (named after the pool, read by callers without a message) holds
-  `{{:worker, pid}, load_atomics, os_pid}` for this node's workers,
+  `{{:worker, pid}, load_atomics, os_pid, sessions}` for this node's workers,
   `{{:session, id}, pid, os_pid}` for the sessions this node routed (on any
   node's worker), and `{:draining, true}` once `DSPyBridge.Pool.drain/2` began.
   Sessions leave it when closed, unknown to their worker, or lost with their
@@ -29,9 +29,11 @@ defmodule DSPyBridge.Pool.Manager do
   def register(pool, pid, load, os_pid), do: GenServer.call(pool, {:register, pid, load, os_pid})
 
   @doc "This node's workers: `{pid, load_atomics, os_pid}`."
-  @spec workers(Pool.name()) :: [{pid, :atomics.atomics_ref(), integer}]
+  @spec workers(Pool.name()) :: [{pid, :atomics.atomics_ref(), integer, non_neg_integer}]
   def workers(pool) do
-    :ets.select(pool, [{{{:worker, :"$1"}, :"$2", :"$3"}, [], [{{:"$1", :"$2", :"$3"}}]}])
+    :ets.select(pool, [
+      {{{:worker, :"$1"}, :"$2", :"$3", :"$4"}, [], [{{:"$1", :"$2", :"$3", :"$4"}}]}
+    ])
   rescue
     ArgumentError -> []
   end
@@ -86,7 +88,7 @@ defmodule DSPyBridge.Pool.Manager do
 
   @impl true
   def handle_call({:register, pid, load, os_pid}, _from, st) do
-    :ets.insert(st.name, {{:worker, pid}, load, os_pid})
+    :ets.insert(st.name, {{:worker, pid}, load, os_pid, 0})
     if st.config.distributed, do: :pg.join(@scope, {:pool, st.name}, pid)
     {:reply, :ok, monitor(st, pid)}
   end
@@ -105,9 +107,9 @@ defmodule DSPyBridge.Pool.Manager do
 
   def handle_call({:join, id, pid}, _from, st) do
     case :ets.lookup(st.name, {:worker, pid}) do
-      [{_, _, os_pid}] ->
+      [{_, _, os_pid, _}] ->
         :pg.join(@scope, {:session, id}, pid)
-        :ets.insert(st.name, {{:session, id}, pid, os_pid})
+        put_session(st.name, id, pid, os_pid)
         {:reply, {:ok, os_pid}, st}
 
       [] ->
@@ -117,9 +119,7 @@ defmodule DSPyBridge.Pool.Manager do
 
   def handle_call(:info, _from, st) do
     workers =
-      for {pid, load, os_pid} <- workers(st.name) do
-        sessions = :ets.select_count(st.name, [{{{:session, :_}, pid, :_}, [], [true]}])
-
+      for {pid, load, os_pid, sessions} <- workers(st.name) do
         %{
           node: node(),
           pid: pid,
@@ -143,7 +143,7 @@ defmodule DSPyBridge.Pool.Manager do
     deadline = System.monotonic_time(:millisecond) + timeout
     await_idle(st.name, deadline)
 
-    for {pid, _, os_pid} <- workers(st.name) do
+    for {pid, _, os_pid, _} <- workers(st.name) do
       left = max(deadline - System.monotonic_time(:millisecond), 1000)
 
       case safe_call(fn -> Worker.shutdown(pid, left) end) do
@@ -162,7 +162,7 @@ defmodule DSPyBridge.Pool.Manager do
 
   @impl true
   def handle_cast({:session_gone, id, pid}, st) do
-    :ets.match_delete(st.name, {{:session, id}, pid, :_})
+    with {^pid, _} <- cached(st.name, id), do: delete_session(st.name, id)
     if node(pid) == node(), do: :pg.leave(@scope, {:session, id}, pid)
     {:noreply, st}
   end
@@ -197,7 +197,7 @@ defmodule DSPyBridge.Pool.Manager do
 
   defp place_on(st, id, {:ok, pid}) when node(pid) == node() do
     :pg.join(@scope, {:session, id}, pid)
-    [{_, _, os_pid}] = :ets.lookup(st.name, {:worker, pid})
+    [{_, _, os_pid, _}] = :ets.lookup(st.name, {:worker, pid})
     {:reply, {:ok, pid}, cache(st, id, pid, os_pid)}
   end
 
@@ -216,8 +216,26 @@ defmodule DSPyBridge.Pool.Manager do
   end
 
   defp cache(st, id, pid, os_pid) do
-    :ets.insert(st.name, {{:session, id}, pid, os_pid})
+    put_session(st.name, id, pid, os_pid)
     monitor(st, pid)
+  end
+
+  # Session rows, and the session count in the row of their worker when it is local.
+  defp put_session(name, id, pid, os_pid) do
+    delete_session(name, id)
+    :ets.insert(name, {{:session, id}, pid, os_pid})
+    count_session(name, pid, 1)
+  end
+
+  defp delete_session(name, id) do
+    case :ets.take(name, {:session, id}) do
+      [{_, pid, _}] -> count_session(name, pid, -1)
+      [] -> :ok
+    end
+  end
+
+  defp count_session(name, pid, n) do
+    if :ets.member(name, {:worker, pid}), do: :ets.update_counter(name, {:worker, pid}, {4, n})
   end
 
   defp monitor(st, pid) do
@@ -264,7 +282,7 @@ defmodule DSPyBridge.Pool.Manager do
   end
 
   defp await_idle(name, deadline) do
-    busy = Enum.any?(workers(name), fn {_, load, _} -> :atomics.get(load, 1) > 0 end)
+    busy = Enum.any?(workers(name), fn {_, load, _, _} -> :atomics.get(load, 1) > 0 end)
 
     if busy and System.monotonic_time(:millisecond) < deadline do
       receive do
