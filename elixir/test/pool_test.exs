@@ -91,7 +91,6 @@ defmodule DSPyBridge.PoolTest do
     owner = fn s -> elem(Pool.whereis_session(pool, s), 1) end
     victim = owner.("a")
     {doomed, spared} = Enum.split_with(~w(a b c d), &(owner.(&1).pid == victim.pid))
-    assert spared != [], "the four sessions all landed on one worker"
 
     {:ok, on_victim} = DSPyBridge.async(pool, "sleep", %{seconds: 30}, session_id: hd(doomed))
 
@@ -111,11 +110,14 @@ defmodule DSPyBridge.PoolTest do
     assert Task.await(survivor, 30_000) == 20_001
     eventually(fn -> Pool.whereis_session(pool, hd(doomed)) == :error end)
 
-    for s <- doomed do
-      assert {:error, %Error{type: "session_lost"}} =
-               DSPy.predict(pool, "q -> answer", %{q: "?"}, session_id: s)
+    # two sessions per worker: ties in load go to the worker with fewer sessions
+    assert [first, second] = doomed
 
-      # once: the rebuild (configure the LM again) then works
+    assert {:error, %Error{type: "session_lost"}} =
+             DSPy.predict(pool, "q -> answer", %{q: "?"}, session_id: first)
+
+    # once: the rebuild (configure the LM again) then works; lm.configure alone rebuilds without the error
+    for s <- [first, second] do
       assert {:ok, _} =
                DSPy.configure_lm(pool, "scripted/m", %{"script" => script}, session_id: s)
 
