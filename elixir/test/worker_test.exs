@@ -44,6 +44,23 @@ defmodule DSPyBridge.WorkerTest do
       assert hint =~ "cannot import bridge" and hint =~ "No module named"
     end
 
+    test "a first frame that is not ready: the process is killed, :timeout with a hint" do
+      path =
+        Path.join(System.tmp_dir!(), "dspy_bridge_stray_#{System.unique_integer([:positive])}")
+
+      # "import bridge" succeeds; serving writes a 2-byte frame that is not a msgpack map, then hangs
+      File.write!(path, """
+      #!/bin/sh
+      [ "$1" = "-c" ] && exit 0
+      printf '\\000\\000\\000\\002ab'
+      exec sleep 60
+      """)
+
+      File.chmod!(path, 0o755)
+      assert {:error, {:worker_start, :timeout, hint}} = Worker.start(python: path)
+      assert hint =~ "printing to stdout"
+    end
+
     test "a file that is not executable: eacces" do
       path = Path.join(System.tmp_dir!(), "dspy_bridge_not_exec")
       File.write!(path, "")

@@ -63,7 +63,7 @@ defmodule DSPyBridge.Launch do
 
   defp await_ready(port, codec, timeout) do
     receive do
-      {^port, {:data, data}} -> check_ready(port, codec.unpack!(data))
+      {^port, {:data, data}} -> check_ready(port, decode(codec, data))
       {^port, {:exit_status, status}} -> {:error, status}
     after
       timeout ->
@@ -74,9 +74,16 @@ defmodule DSPyBridge.Launch do
 
   defp check_ready(_port, %{"type" => "ready"} = ready), do: {:ok, ready}
 
+  # Not a ready frame (something else wrote to the frame stream first): as if none came.
   defp check_ready(port, _frame) do
     kill(port)
     {:error, :timeout}
+  end
+
+  defp decode(codec, data) do
+    codec.unpack!(data)
+  rescue
+    _ -> :undecodable
   end
 
   defp kill(port) do
