@@ -36,6 +36,7 @@ defmodule DSPyBridge.WorkerTest do
         )
 
       File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf!(dir) end)
       # -I -S: no PYTHONPATH, cwd or site-packages, as in a Python where bridge is not installed
       script = Path.join(dir, "python")
       File.write!(script, "#!/bin/sh\nexec python3 -I -S \"$@\"\n")
@@ -47,6 +48,8 @@ defmodule DSPyBridge.WorkerTest do
     test "a first frame that is not ready: the process is killed, :timeout with a hint" do
       path =
         Path.join(System.tmp_dir!(), "dspy_bridge_stray_#{System.unique_integer([:positive])}")
+
+      on_exit(fn -> File.rm(path) end)
 
       # "import bridge" succeeds; serving writes a 2-byte frame that is not a msgpack map, then hangs
       File.write!(path, """
@@ -62,7 +65,10 @@ defmodule DSPyBridge.WorkerTest do
     end
 
     test "a file that is not executable: eacces" do
-      path = Path.join(System.tmp_dir!(), "dspy_bridge_not_exec")
+      path =
+        Path.join(System.tmp_dir!(), "dspy_bridge_not_exec_#{System.unique_integer([:positive])}")
+
+      on_exit(fn -> File.rm(path) end)
       File.write!(path, "")
       File.chmod!(path, 0o644)
       assert {:error, {:worker_start, :eacces, hint}} = Worker.start(python: path)

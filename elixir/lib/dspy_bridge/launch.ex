@@ -89,6 +89,9 @@ defmodule DSPyBridge.Launch do
   defp kill(port) do
     with {:os_pid, pid} <- Port.info(port, :os_pid), do: System.cmd("kill", ["-9", "#{pid}"])
     Port.close(port)
+  rescue
+    # the port closed itself when the killed process exited
+    ArgumentError -> true
   end
 
   @doc false
