@@ -70,10 +70,12 @@ defmodule DSPyBridge.Pool.Manager do
   def session_gone(pool, session_id, pid),
     do: GenServer.cast(pool, {:session_gone, session_id, pid})
 
-  @doc false
+  @doc "See `DSPyBridge.Pool.info/1`."
+  @spec info(Pool.name()) :: map
   def info(pool), do: GenServer.call(pool, :info)
 
-  @doc false
+  @doc "See `DSPyBridge.Pool.drain/2`."
+  @spec drain(Pool.name(), timeout) :: :ok
   def drain(pool, timeout), do: GenServer.call(pool, {:drain, timeout}, :infinity)
 
   # ---- the process ---------------------------------------------------------------
