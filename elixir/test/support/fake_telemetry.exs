@@ -1,11 +1,12 @@
 # A stand-in for the :telemetry library (Hex is out of reach): attach/4 and execute/3.
 defmodule :telemetry do
   def attach(id, event, fun, config) do
-    :persistent_term.put({__MODULE__, id}, {event, fun, config})
+    handlers = :persistent_term.get(__MODULE__, %{})
+    :persistent_term.put(__MODULE__, Map.put(handlers, id, {event, fun, config}))
   end
 
   def execute(event, measurements, metadata) do
-    for {{__MODULE__, _}, {^event, fun, config}} <- :persistent_term.get() do
+    for {_id, {^event, fun, config}} <- :persistent_term.get(__MODULE__, %{}) do
       fun.(event, measurements, metadata, config)
     end
 
