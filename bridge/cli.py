@@ -25,10 +25,9 @@ def _subcommand(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bridge.worker.options import add_serve_options
-
     from bridge import __version__
     from bridge.wire.protocol import PROTOCOL_VERSION
+    from bridge.worker.options import TRUST_OPTIONS, add_serve_options
 
     parser = argparse.ArgumentParser(prog="bridge", description="DSPy worker for Erlang/Elixir ports.")
     parser.add_argument("--version", action="version", version=f"bridge {__version__} (protocol {PROTOCOL_VERSION})")
@@ -46,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for a frame the recording says comes (default 10)")
     replay.add_argument("--record", metavar="PATH",
                         help="also record the replayed run to PATH (follow it live with bridge stats --watch PATH)")
+    for flag, dest in TRUST_OPTIONS:
+        replay.add_argument(flag, action="append", dest=dest, metavar="VALUE",
+                            help=f"serve option {flag} for the replay worker (never taken from the transcript)")
+    replay.add_argument("--diagnostics", action="store_true", help="serve option --diagnostics for the replay worker")
     transcript = sub.add_parser("transcript", help="work with transcripts")
     transcript.add_argument("action", choices=["show"])
     transcript.add_argument("path")
@@ -58,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_subcommand
 def cmd_serve(opts: argparse.Namespace) -> int:
+    from bridge.wire import redact
     from bridge.worker import stdio
 
+    redact.learn_environment(os.environ)
     if opts.fds:
         in_fd, out_fd = opts.fds
         stdio.divert_stdout()
@@ -134,9 +139,11 @@ def _record_and_replay(opts: argparse.Namespace, server: Any, registry: Any) -> 
 @_subcommand
 def cmd_replay(opts: argparse.Namespace) -> int:
     from bridge.host import replay
+    from bridge.worker.options import TRUST_OPTIONS
 
+    trust = {dest: getattr(opts, dest) for _, dest in TRUST_OPTIONS} | {"diagnostics": opts.diagnostics}
     return replay.run(opts.path, update=opts.update, show=opts.show, speed=opts.speed, timeout=opts.timeout,
-                      record=opts.record)
+                      record=opts.record, trust=trust)
 
 
 @_subcommand

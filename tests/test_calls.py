@@ -64,20 +64,30 @@ def test_program_refs_are_called_as_their_module(w, session):
     "dspy.utils.os.getcwd",                       # a module DSPy imported is not DSPy
     "dspy.evaluate.evaluate.tqdm.tqdm",
     "dspyx.anything",
+    "dspy.utils.magicattr.get",                   # walks dotted attributes, dunders included
+    "dspy.LocalInterpreter",                      # runs Python code
+    "dspy.PythonInterpreter",
+    "dspy.ProgramOfThought",
+    "dspy.CodeAct",
+    "dspy.load",                                  # reads pickles with allow_pickle=True
+    "dspy.Evaluate",                              # writes files (save_as_csv)
+    "dspy",
+    "dspy.NoSuchThing",                           # not in the table: whether it exists is not looked up
+    "dspy.Predict.nope",
     {"ref": "PLACEHOLDER", "method": "__class__"},
     {"ref": "PLACEHOLDER", "method": "forward.__globals__"},
+    {"ref": "PLACEHOLDER", "method": "batch"},    # a real method, but not one of the allowed ones
+    {"ref": "PLACEHOLDER", "method": "signature"},
 ])
 def test_forbidden_targets(w, session, target):
     if isinstance(target, dict):
         target = {**target, "ref": call(w, session, "dspy.Predict", "q -> a")["__ref__"]}
     err = error_of(w, session, "call", {"target": target, "args": ["echo hacked"]})
     assert err.type == "forbidden"
-    assert err.details["allowed"] == ["dspy"]
+    assert err.details["reason"] and err.details["target"]
 
 
 @pytest.mark.parametrize("args", [
-    {"target": "dspy.NoSuchThing"},
-    {"target": "dspy.Predict.nope"},
     {"target": 42},
     {"target": "dspy.Predict", "args": "question -> answer"},
     {"target": "dspy.Predict", "kwargs": []},
@@ -110,15 +120,21 @@ def test_lm_errors_keep_their_type(w, session):
     assert err.type == "lm_error"
 
 
-def test_allow_module_sets_the_prefixes():
+def test_allow_module_and_allow_widen_the_table_and_stats_shows_them():
     with tempfile.TemporaryFile("w+") as log, spawn("--allow-module", "json", "--allow-module", "dspy.teleprompt",
-                                                    stderr=log) as worker:
+                                                    "--allow", "dspy.Evaluate", stderr=log) as worker:
         assert worker.call("call", {"target": "json.dumps", "args": [[1, 2]]}) == "[1, 2]"
         fewshot = worker.call("call", {"target": "dspy.teleprompt.LabeledFewShot", "kwargs": {"k": 2}})
         assert fewshot["type"] == "dspy.teleprompt.vanilla.LabeledFewShot"
+        assert worker.call("call", {"target": "dspy.Predict", "args": ["q -> a"]})["type"] == PREDICT  # the table
+        evaluate = worker.call("call", {"target": "dspy.Evaluate", "kwargs": {"devset": []}})
+        assert evaluate["type"] == "dspy.evaluate.evaluate.Evaluate"
         with pytest.raises(RemoteError) as info:
-            worker.call("call", {"target": "dspy.Predict", "args": ["q -> a"]})
-        assert info.value.type == "forbidden" and info.value.details["allowed"] == ["json", "dspy.teleprompt"]
+            worker.call("call", {"target": "dspy.utils.magicattr.get", "args": [1, "real"]})
+        assert info.value.type == "forbidden"
+        allow = worker.call("stats")["allow"]
+        assert allow["modules"] == ["json", "dspy.teleprompt"] and allow["paths"] == []
+        assert {"dspy.Predict", "dspy.Evaluate", "dspy.Example"} <= set(allow["names"])
         assert worker.unrouted.empty()
 
 

@@ -107,7 +107,7 @@ def test_credentials_are_not_written_down_and_the_transcript_still_replays(tmp_p
     assert "sk-secret-123" not in text
     [configure] = [r for r in transcript.load(path)[0].frames("in") if r["frame"].get("command") == "lm.configure"]
     assert configure["redacted"] is True and "raw" not in configure
-    assert configure["frame"]["args"] == {"model": "openai/gpt-4o-mini", "api_key": "<redacted>", "max_tokens": 50}
+    assert configure["frame"]["args"] == {"model": "openai/gpt-4o-mini", "api_key": "[REDACTED]", "max_tokens": 50}
     assert replayed(str(path))[0] == 0
 
 
@@ -219,9 +219,9 @@ def test_a_tool_call_with_no_recorded_match_is_named(tmp_path):
 def test_lm_configure_replay_model_serves_recorded_calls():
     """``replay/<path>`` directly: a recorded stream answers a plain predict; an unknown request fails by name."""
     args = {"signature": "question -> answer", "module": "ChainOfThought"}
-    with Worker.spawn() as w:
-        with pytest.raises(RemoteError, match="cannot replay LM calls"):
-            w.call("lm.configure", {"model": "replay/no/such/transcript.jsonl"})
+    with Worker.spawn("--allow-path", str(FIXTURES)) as w:
+        with pytest.raises(RemoteError, match="bad_request: cannot read .*No such file"):
+            w.call("lm.configure", {"model": f"replay/{FIXTURES / 'no_such_transcript.jsonl'}"})
         w.call("lm.configure", {"model": f"replay/{FIXTURES / 'chain_of_thought_stream.jsonl'}"})
         assert w.call("dspy.predict", {**args, "inputs": {"question": "What is (2 + 2) * 2?"}})["outputs"]["answer"] == "8"
         with pytest.raises(RemoteError) as exc:

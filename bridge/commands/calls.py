@@ -1,6 +1,6 @@
-"""``call`` and ``release``: any callable under an allowed module prefix, by reference.
+"""``call`` and ``release``: allow-listed callables and refs' methods, by reference.
 
-The policy and the value conversions are in ``bridge.calls``; this module only
+The policy is ``programs.allowlist``, the value conversions ``programs.calls``; this module only
 runs the call in a worker thread, inside ``dspy.context(lm=<session LM>)`` when
 the session has one.
 """
@@ -13,6 +13,7 @@ from typing import Any, ContextManager
 
 import anyio
 
+from bridge.programs import allowlist
 from bridge.programs.calls import check_name, encode, keeper, resolve_args, resolve_target
 from bridge.programs.runner import reported
 from bridge.wire.errors import ErrorType, PeerError
@@ -34,7 +35,9 @@ async def call(args: dict, ctx: Context) -> Any:
             or not all(isinstance(key, str) for key in keywords):
         raise PeerError(ErrorType.BAD_REQUEST, "'args' must be a list and 'kwargs' a map with string keys")
     name = check_name(args.get("store_as"))
-    fn = resolve_target(args.get("target"), ctx, ctx.shared.config.allow_modules)
+    policy = allowlist.of(ctx.shared.config)
+    fn, method = resolve_target(args.get("target"), ctx, policy)
+    positional, keywords = policy.arguments(args.get("target"), method, positional, keywords)
     positional, keywords = resolve_args(positional, ctx), resolve_args(keywords, ctx)
     lm = ctx.session.lm
 
@@ -47,7 +50,7 @@ async def call(args: dict, ctx: Context) -> Any:
         if inspect.isawaitable(result):  # an async method such as acall: awaited on the loop
             with lm_context(lm):
                 result = await result
-    return keeper(ctx, name)(result) if name else encode(result, keeper(ctx))
+    return keeper(ctx, policy, name)(result) if name else encode(result, keeper(ctx, policy))
 
 
 @handler("release", inline=True)

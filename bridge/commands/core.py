@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from bridge.programs import allowlist
 from bridge.worker.context import Context
 from bridge.worker.registry import handler
 
@@ -22,4 +23,4 @@ def echo(args: dict, ctx: Context) -> dict:
 @handler("stats", inline=True)
 def stats(args: dict, ctx: Context) -> dict[str, Any]:
     """The worker's counters and histograms; every request answered before it is counted."""
-    return ctx.shared.stats()
+    return {**ctx.shared.stats(), "allow": allowlist.of(ctx.shared.config).describe()}  # what call and paths reach

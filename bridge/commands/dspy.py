@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from bridge.lm.engines import build_lm
 from bridge.programs.program import build_program, load_program, outputs
 from bridge.programs.runner import bad_request, concurrency, dspy_error, in_thread, new_ref, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
+from bridge.wire.protocol import quote
 from bridge.worker.context import Context
 from bridge.worker.registry import REGISTRY, handler
 from bridge.worker.tasks import each
@@ -26,16 +29,28 @@ def warm_up() -> None:
 
     from bridge.lm import scripted  # noqa: F401
     from bridge.programs import calls, optimize, pipelines, react, streaming  # noqa: F401
+    from bridge.programs.typenames import guard_dspy_parser
+
+    guard_dspy_parser()  # a signature string reaching DSPy by any route imports nothing
 
 
 # ---- language models ----------------------------------------------------------------
 
 @handler("lm.configure", needs_dspy=True)
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
-    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines)."""
+    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines).
+
+    A ``replay/<path>`` LM reads a file, so it is built in a worker thread; any other is
+    built on the loop, before this handler first yields, so requests pipelined behind
+    it in the same session (a shell pipe cannot wait for the answer) already see it."""
     options = {k: v for k, v in args.items() if k not in ("model", "price")}
+    check_api_base(options, ctx.shared.config.allow_api_bases)
+    model = args.get("model")
     try:
-        lm = build_lm(args.get("model"), options)
+        if isinstance(model, str) and model.startswith("replay/"):
+            lm = await anyio.to_thread.run_sync(build_lm, model, options, limiter=ctx.shared.threads)
+        else:
+            lm = build_lm(model, options)
     except (ValueError, TypeError) as exc:
         raise PeerError(ErrorType.BAD_REQUEST, f"cannot configure the LM: {exc}") from None
     if "price" in args:
@@ -43,6 +58,33 @@ async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
     session = ctx.session
     session.lm = lm
     return {"model": lm.model, "session_id": session.id}
+
+
+def check_api_base(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """An ``api_base``/``base_url`` goes with the frame's own ``api_key``, or matches an
+    ``--allow-api-base`` prefix: no frame sends the operator's key to a URL of its choosing."""
+    from urllib.parse import urlsplit
+
+    for key in ("api_base", "base_url"):
+        url = options.get(key)
+        if url is None or (isinstance(options.get("api_key"), str) and options["api_key"]):
+            continue
+        if isinstance(url, str) and any(_url_under(urlsplit(url), urlsplit(prefix)) for prefix in allowed):
+            continue
+        raise PeerError(ErrorType.FORBIDDEN, f"'{key}' {quote(url)} needs an 'api_key' in the same frame, or a "
+                        "URL under an --allow-api-base prefix", {"option": key, "url": url if isinstance(url, str)
+                                                                 else quote(url)})
+
+
+def _url_under(url: Any, prefix: Any) -> bool:
+    """Same scheme, host and port, and a path under the prefix's (so ``http://localhost`` does
+    not admit ``http://localhost.evil.example``)."""
+    try:
+        same = (url.scheme, url.hostname, url.port) == (prefix.scheme, prefix.hostname, prefix.port)
+    except ValueError:  # a port that is not a number
+        return False
+    base = prefix.path.rstrip("/")
+    return same and bool(url.scheme) and (url.path == base or url.path.startswith(base + "/"))
 
 
 def price_option(price: Any) -> tuple[float, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bridge.wire.errors import ErrorType, PeerError
+from bridge.wire.protocol import quote
 from bridge.worker.context import Context
 from bridge.worker.registry import handler
 
@@ -46,7 +47,7 @@ async def pipeline_run(args: dict, ctx: Context) -> dict[str, Any]:
     if "name" in args:
         steps = ctx.session.data.get(STORE, {}).get(args["name"]) if isinstance(args["name"], str) else None
         if steps is None:
-            raise PeerError("unknown_pipeline", f"session {ctx.session.id!r} has no pipeline {args['name']!r}")
+            raise PeerError("unknown_pipeline", f"session {quote(ctx.session.id)} has no pipeline {quote(args['name'])}")
     else:
         steps = checked(args["steps"])
     from bridge.programs.pipelines import run_pipeline

@@ -1,8 +1,10 @@
 """``bridge replay PATH``: play a transcript's host side against a fresh worker, then compare.
 
 For each segment (one worker process) a new worker starts with the recorded
-serve options and ``--replay-lm PATH --replay-segment N``, so every LM call is
-answered from the recording.  The driver then sends the recorded host input in
+serve options that change no trust (``transcript.replay_argv``: a transcript is
+data), the trust options given to ``bridge replay`` itself, ``--allow-path`` of the
+transcript's directory and ``--replay-lm PATH --replay-segment N``, so every LM
+call is answered from the recording.  The driver then sends the recorded host input in
 order; a host record that followed some worker frame in the recording is sent
 only once the equivalent frame has arrived.  Frames are equivalent when they
 hold the same place in the same stream (``compare.stream_of``): the k-th
@@ -85,7 +87,7 @@ class SegmentRun:
     """One worker process of the transcript, replayed."""
 
     def __init__(self, path: str, index: int, segment: Segment, *, timeout: float, speed: float | None,
-                 log: ChatLog | None, record_to: str | None) -> None:
+                 log: ChatLog | None, record_to: str | None, trust: dict[str, Any]) -> None:
         self.segment = segment
         self.timeout = timeout
         self.speed = speed
@@ -100,7 +102,11 @@ class SegmentRun:
         self.problems: list[str] = []
         self.closed = False
         self.stalled = False
-        argv = [*transcript.serve_argv(segment.header), "--replay-lm", path, "--replay-segment", str(index)]
+        argv, notes = transcript.replay_argv(segment.header, trust)
+        for note in notes:
+            print(note, file=sys.stderr)
+        argv += ["--allow-path", os.path.dirname(os.path.realpath(path)),
+                 "--replay-lm", path, "--replay-segment", str(index)]
         if speed:
             argv += ["--replay-speed", str(speed)]
         if record_to:
@@ -290,9 +296,11 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def run(path: str, *, update: bool = False, show: bool = False, speed: float | None = None,
-        timeout: float = 10.0, record: str | None = None, out: TextIO = sys.stdout) -> int:
+        timeout: float = 10.0, record: str | None = None, trust: dict[str, Any] | None = None,
+        out: TextIO = sys.stdout) -> int:
     """Replay ``path``; print the differences; 0 when the worker still says the same.
-    ``record``: the replayed run's transcript goes there too (``--update`` records to ``PATH.new``)."""
+    ``record``: the replayed run's transcript goes there too (``--update`` records to ``PATH.new``).
+    ``trust``: serve options by ``dest`` (``handlers``, ``allow_modules``…) from the command line."""
     try:
         segments = transcript.load(path)
     except (OSError, TranscriptError) as exc:
@@ -303,7 +311,8 @@ def run(path: str, *, update: bool = False, show: bool = False, speed: float | N
         return 2
     log = ChatLog(out) if show else None
     record_to = f"{path}.new" if update else record
-    outcomes = [SegmentRun(path, i, seg, timeout=timeout, speed=speed, log=log, record_to=record_to).play()
+    outcomes = [SegmentRun(path, i, seg, timeout=timeout, speed=speed, log=log, record_to=record_to,
+                           trust=trust or {}).play()
                 for i, seg in enumerate(segments)]
     if log:
         log.close()

@@ -1,11 +1,7 @@
-"""Generic calls by reference: any public callable under an allowed module prefix, or a ref's method.
+"""Generic calls by reference: an allow-listed callable, or an allowed method of a ref.
 
-The allow-list (``--allow-module``, default ``dspy``) is the whole policy, so
-resolution is strict: no path segment may start with ``_`` (``__class__``,
-``__builtins__``, ``_private``), and every object reached beyond the allowed
-prefix must itself live under an allowed prefix (a module by its name, anything
-else by ``__module__``), so ``dspy.<module>.os.system`` — a module DSPy merely
-imported — is refused too.
+What may be called is ``programs.allowlist``'s policy (``docs/security.md``); this
+module resolves targets and refs through it and converts values.
 
 Values cross as plain data when msgpack can carry them; a Prediction or Example
 becomes the map of its fields; anything else stays in the session and crosses
@@ -15,84 +11,32 @@ arguments at any depth.
 
 from __future__ import annotations
 
-import importlib
 import re
-import types
 from typing import Any, Callable
 
+from bridge.programs.allowlist import Policy, forbidden
 from bridge.programs.program import Program
 from bridge.wire.errors import ErrorType, PeerError
+from bridge.wire.protocol import quote
 from bridge.worker.context import Context
 
 REF = "__ref__"
 _GENERATED = re.compile(r"r\d+")  # the form of the refs SessionStore.store hands out
 
 
-def forbidden(target: str, allowed: tuple[str, ...], why: str) -> PeerError:
-    return PeerError("forbidden", f"cannot call {target!r}: {why}", {"target": target, "allowed": list(allowed)})
-
-
-def under(name: str | None, allowed: tuple[str, ...]) -> bool:
-    return name is not None and any(name == prefix or name.startswith(prefix + ".") for prefix in allowed)
-
-
-def _home(obj: Any) -> str | None:
-    """Where ``obj`` comes from: a module's name; a class's, function's or instance's ``__module__``."""
-    if isinstance(obj, types.ModuleType):
-        return obj.__name__
-    home = getattr(obj, "__module__", None)
-    return home if isinstance(home, str) else None
-
-
-def _segments(path: Any, target: str, allowed: tuple[str, ...]) -> list[str]:
-    if not isinstance(path, str) or not path:
-        raise PeerError(ErrorType.BAD_REQUEST, "a call target is a dotted path like 'dspy.Predict'")
-    segments = path.split(".")
-    if any(not segment.isidentifier() or segment.startswith("_") for segment in segments):
-        raise forbidden(target, allowed, "private, dunder or malformed path segment")
-    return segments
-
-
-def _walk(obj: Any, segments: list[str], checked_from: int, target: str, allowed: tuple[str, ...]) -> Any:
-    """Follow ``segments`` from ``obj``; objects from index ``checked_from`` on must live under ``allowed``."""
-    for i, segment in enumerate(segments):
-        try:
-            obj = getattr(obj, segment)
-        except AttributeError:
-            submodule = f"{obj.__name__}.{segment}" if isinstance(obj, types.ModuleType) else None
-            if not under(submodule, allowed):
-                raise PeerError(ErrorType.BAD_REQUEST, f"{target!r}: no attribute {segment!r}") from None
-            try:
-                obj = importlib.import_module(submodule)
-            except ImportError:
-                raise PeerError(ErrorType.BAD_REQUEST, f"{target!r}: no attribute {segment!r}") from None
-        if i >= checked_from and not under(_home(obj), allowed):
-            raise forbidden(target, allowed, f"its part {segment!r} comes from {_home(obj)!r}")
-    return obj
-
-
-def resolve_target(target: Any, ctx: Context, allowed: tuple[str, ...]) -> Callable[..., Any]:
-    """``"dspy.Predict"`` or ``{"ref": ID, "method"?: "forward"}`` as the callable it names."""
+def resolve_target(target: Any, ctx: Context, policy: Policy) -> tuple[Callable[..., Any], Any]:
+    """``"dspy.Predict"`` or ``{"ref": ID, "method"?: "forward"}`` as the callable it names, checked
+    against ``policy`` (``programs.allowlist``); also the method name (None for a target string)."""
     if isinstance(target, dict) and "ref" in target and set(target) <= {"ref", "method"}:
-        obj = unwrap(ctx.session.get(target["ref"]))
         method = target.get("method")
-        if method is not None:
-            obj = _walk(obj, _segments(method, str(method), allowed), 0, str(method), allowed)
+        obj = policy.method(unwrap(ctx.session.get(target["ref"])), method, target)
     elif isinstance(target, str):
-        segments = _segments(target, target, allowed)
-        prefix = next((p for p in allowed if target == p or target.startswith(p + ".")), None)
-        if prefix is None:
-            raise forbidden(target, allowed, "not under an allowed module prefix (--allow-module)")
-        try:
-            root = importlib.import_module(segments[0])
-        except ImportError:
-            raise PeerError(ErrorType.BAD_REQUEST, f"{target!r}: cannot import {segments[0]!r}") from None
-        obj = _walk(root, segments[1:], prefix.count("."), target, allowed)
+        method, obj = None, policy.target(target)
     else:
         raise PeerError(ErrorType.BAD_REQUEST, "'target' must be a dotted path or {ref, method?}")
     if not callable(obj):
-        raise PeerError(ErrorType.BAD_REQUEST, f"{target!r} is not callable")
-    return obj
+        raise PeerError(ErrorType.BAD_REQUEST, f"{quote(target)} is not callable")
+    return obj, method
 
 
 def unwrap(obj: Any) -> Any:
@@ -126,11 +70,15 @@ def encode(value: Any, keep: Callable[[Any], dict[str, str]]) -> Any:
     return keep(value)
 
 
-def keeper(ctx: Context, name: str | None = None) -> Callable[[Any], dict[str, str]]:
-    """Stores an object in the request's session, as ``name`` if given; returns its ref map."""
+def keeper(ctx: Context, policy: Policy, name: str | None = None) -> Callable[[Any], dict[str, str]]:
+    """Stores an object in the request's session, as ``name`` if given; returns its ref map.
+    A callable, class or module the policy does not allow is refused, not kept."""
     store = ctx.shared.sessions
 
     def keep(value: Any) -> dict[str, str]:
+        if not policy.may_keep(value):
+            raise forbidden(f"{type(value).__module__}.{type(value).__qualname__}",
+                            "the call returned a callable that is not allowed, so it is not kept as a ref")
         session = ctx.session
         if name is not None and name in session.objects:
             session.objects[name] = value

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bridge.programs.signatures import parse_signature
+from bridge.wire.protocol import quote
 
 if TYPE_CHECKING:
     import dspy
@@ -79,7 +80,7 @@ def build_module(kind: Any, signature: "type[dspy.Signature]", config: dict[str,
     import dspy
 
     if kind not in MODULES:
-        raise ValueError(f"unknown module {kind!r}; one of {list(MODULES)}")
+        raise ValueError(f"unknown module {quote(kind)}; one of {list(MODULES)}")
     if kind == "ReAct":
         from bridge.programs.react import build_react
 

@@ -17,8 +17,9 @@ from typing import Any, AsyncIterator, Iterator
 import anyio
 
 from bridge.programs.program import Program
+from bridge.programs.typenames import SignatureError
 from bridge.wire.errors import ErrorType, PeerError
-from bridge.wire.protocol import int_arg
+from bridge.wire.protocol import int_arg, quote
 from bridge.worker.context import Context
 
 DEFAULT_CONCURRENCY = 8
@@ -44,14 +45,17 @@ def bad_request() -> Iterator[None]:
     try:
         yield
     except ValueError as exc:
-        raise PeerError(ErrorType.BAD_REQUEST, str(exc)) from None
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc), getattr(exc, "details", None)) from None
 
 
 @contextmanager
 def reported() -> Iterator[None]:
-    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``."""
+    """Raise DSPy's LM and parse failures as their own error types instead of ``handler_error``;
+    a signature with a type outside the table (``programs.typenames``) is ``bad_request``."""
     try:
         yield
+    except SignatureError as exc:
+        raise PeerError(ErrorType.BAD_REQUEST, str(exc), exc.details) from None
     except Exception as exc:
         peer = dspy_error(exc)
         if peer is None:
@@ -65,7 +69,7 @@ def session_lm(ctx: Context) -> Any:
     session = ctx.session
     if session.lm is None:
         raise PeerError("lm_not_configured",
-                        f"session {session.id!r} has no language model: send lm.configure {{model, ...}} "
+                        f"session {quote(session.id)} has no language model: send lm.configure {{model, ...}} "
                         "in this session first, e.g. {\"model\": \"openai/gpt-4o-mini\"} or "
                         "{\"model\": \"scripted/demo\", \"script\": [{\"answer\": \"42\"}]}")
     return session.lm
@@ -74,7 +78,7 @@ def session_lm(ctx: Context) -> Any:
 def stored(ctx: Context, ref: Any) -> Program:
     program = ctx.session.get(ref)
     if not isinstance(program, Program):
-        raise PeerError("unknown_ref", f"{ref!r} is not a program in session {ctx.session.id!r}")
+        raise PeerError("unknown_ref", f"{quote(ref)} is not a program in session {quote(ctx.session.id)}")
     return program
 
 

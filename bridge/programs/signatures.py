@@ -1,8 +1,9 @@
 """Signatures from the host: DSPy's string form, or a map of typed, described fields.
 
-Strings go to DSPy's own parser (``"question -> answer: int"``).  Maps are
+Strings are DSPy's form (``"question -> answer: int"``), parsed by
+``programs.typenames`` so that a type name never imports anything.  Maps are
 ``{"inputs": {name: {"desc", "type"}}, "outputs": {...}, "instructions"}`` with
-the types below.  Every problem is a ``ValueError`` the handlers report as
+the same type names.  Every problem is a ``ValueError`` the handlers report as
 ``bad_request``.  DSPy is imported lazily: this module is loaded before ``ready``.
 """
 
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bridge.programs.typenames import SignatureError, resolve_text, string_fields
+from bridge.wire.protocol import quote
+
 if TYPE_CHECKING:
     import dspy
 
-TYPES: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "list[str]": list[str], "dict": dict}
 _MAP_KEYS = {"inputs", "outputs", "instructions"}
 _FIELD_KEYS = {"desc", "type"}
 
@@ -26,9 +29,11 @@ def parse_signature(spec: Any, instructions: Any = None) -> "type[dspy.Signature
         raise ValueError("'instructions' must be a string")
     if isinstance(spec, str):
         try:
-            signature = dspy.Signature(spec)
+            signature = dspy.Signature(string_fields(spec))
+        except SignatureError:
+            raise
         except (ValueError, TypeError, SyntaxError) as exc:
-            raise ValueError(f"bad signature {spec!r}: {exc}") from None
+            raise ValueError(f"bad signature {quote(spec)}: {exc}") from None
     elif isinstance(spec, dict):
         signature = _from_map(spec)
     else:
@@ -67,7 +72,7 @@ def _fields(specs: Any, where: str, make_field: Any) -> dict[str, tuple[Any, Any
 
 def _name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
-        raise ValueError(f"signature {where}: field name {name!r} must be an identifier not starting with '_'")
+        raise ValueError(f"signature {where}: field name {quote(name)} must be an identifier not starting with '_'")
     return name
 
 
@@ -75,9 +80,10 @@ def _field(name: str, spec: Any, where: str, make_field: Any) -> tuple[Any, Any]
     if not isinstance(spec, dict) or set(spec) - _FIELD_KEYS:
         raise ValueError(f"signature {where}.{name} must be a map with optional 'desc' and 'type'")
     type_name = spec.get("type", "str")
-    if not isinstance(type_name, str) or type_name not in TYPES:
-        raise ValueError(f"signature {where}.{name}: unknown type {type_name!r}; use one of {list(TYPES)}")
+    if not isinstance(type_name, str):
+        raise SignatureError(f"signature {where}.{name}: 'type' must be a string like 'int' or 'list[str]'")
+    annotation = resolve_text(type_name, f"{where}.{name}")
     desc = spec.get("desc")
     if desc is not None and not isinstance(desc, str):
         raise ValueError(f"signature {where}.{name}: 'desc' must be a string")
-    return TYPES[type_name], make_field(desc=desc) if desc else make_field()
+    return annotation, make_field(desc=desc) if desc else make_field()

@@ -10,7 +10,7 @@ from bridge.wire import jsontags
 VOLATILE_RESULTS = {"ping": ("time",), "stats": ("uptime_s", "rss_bytes", "bytes_out", "warm")}
 # stats' request metrics: timings, and counters that older recordings do not have
 UNCOMPARED_RESULTS = {"stats": ("requests", "errors", "latency_ms", "histogram_buckets", "lm",
-                                "lm_by_session")}
+                                "lm_by_session", "allow")}  # allow.paths: where the replayed transcript lies
 
 
 StreamKey = tuple

@@ -20,7 +20,7 @@ import json
 import os
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 from bridge import __version__
 from bridge.wire import framing, jsontags
@@ -29,6 +29,9 @@ from bridge.worker.options import add_serve_options
 
 FORMAT = 1
 NOT_REPLAYED = {"command", "fds", "record", "record_append", "replay_lm", "replay_segment", "replay_speed"}
+# the serve options ``bridge replay`` takes from a transcript's header: none widens what the worker trusts
+HONOURED = {"meta", "telemetry", "slow_chunk_ms", "max_frame_bytes", "max_threads", "max_inflight", "max_objects",
+            "drain_timeout", "tool_timeout_ms", "log_level", "max_file_bytes"}
 
 
 def header(options: dict[str, Any]) -> dict[str, Any]:
@@ -45,20 +48,51 @@ def header(options: dict[str, Any]) -> dict[str, Any]:
 def serve_argv(head: dict[str, Any]) -> list[str]:
     """``bridge serve`` arguments that start a worker like the one that wrote ``head``
     (options this worker does not know are left out)."""
+    return options_argv({k: v for k, v in head.get("options", {}).items() if k not in NOT_REPLAYED})
+
+
+def _serve_actions() -> dict[str, Any]:
     parser = argparse.ArgumentParser(add_help=False)
     add_serve_options(parser)
-    options, argv = head.get("options", {}), []
-    for action in parser._actions:
-        value = options.get(action.dest)
-        if action.dest in NOT_REPLAYED or value is None or value is False:
-            continue
+    return {action.dest: action for action in parser._actions if action.option_strings}
+
+
+def options_argv(options: dict[str, Any]) -> list[str]:
+    """``bridge serve`` arguments for option values by ``dest`` (``vars`` of parsed options)."""
+    argv: list[str] = []
+    for dest, action in _serve_actions().items():
+        value = options.get(dest)
         flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # a switch
-            argv.append(flag)
-        else:
+        if isinstance(action, argparse._StoreFalseAction):  # --no-meta: given when the value is False
+            argv += [flag] if value is False else []
+        elif action.nargs == 0:
+            argv += [flag] if value is True else []
+        elif value is not None and value is not False:
             for item in value if isinstance(value, list) else [value]:
                 argv += [flag, str(item)]
     return argv
+
+
+def replay_argv(head: dict[str, Any], given: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The serve arguments ``bridge replay`` starts a segment's worker with, and one note per
+    header option saying whether it is used.  A transcript is data: only options that change
+    no trust (``HONOURED``) come from its header; the rest only from ``given``, the
+    ``bridge replay`` command line."""
+    options = head.get("options", {})
+    argv = options_argv({k: v for k, v in options.items() if k in HONOURED})
+    argv += options_argv({k: v for k, v in given.items() if k not in HONOURED})
+    notes = []
+    for dest, value in options.items():
+        action = _serve_actions().get(dest)
+        flag = max(action.option_strings, key=len) if action else dest
+        if dest in HONOURED:
+            verdict = "used"
+        elif given.get(dest):
+            verdict = "used, with the value given to bridge replay"
+        else:
+            verdict = f"ignored (a transcript is data; give {flag} to bridge replay to use it)"
+        notes.append(f"bridge replay: transcript option {flag} = {json.dumps(value)}: {verdict}")
+    return argv, notes
 
 
 class Segment(NamedTuple):
@@ -80,16 +114,21 @@ class Segment(NamedTuple):
 
 def load(path: str | os.PathLike) -> list[Segment]:
     """Parse a transcript; raises ``TranscriptError`` naming the line that is wrong."""
-    segments: list[Segment] = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            record = parse_line(line, f"{path}:{lineno}", first=not segments)
-            if record is None:
-                continue
-            if "transcript" in record:
-                segments.append(Segment(record, []))
-            else:
-                segments[-1].records.append(record)
+        return parse_lines(f, path)
+
+
+def parse_lines(lines: Iterable[str], path: str | os.PathLike) -> list[Segment]:
+    """``load`` for lines already read (``path`` names them in errors)."""
+    segments: list[Segment] = []
+    for lineno, line in enumerate(lines, 1):
+        record = parse_line(line, f"{path}:{lineno}", first=not segments)
+        if record is None:
+            continue
+        if "transcript" in record:
+            segments.append(Segment(record, []))
+        else:
+            segments[-1].records.append(record)
     if not segments:
         raise TranscriptError(f"{path}: empty")
     return segments

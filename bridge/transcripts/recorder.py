@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from typing import Any, BinaryIO, Callable
 
 from bridge.transcripts.format import header
 from bridge.wire import framing, jsontags
+from bridge.wire.redact import redact
 
 BUFFER = 256 * 1024
 FLUSH_EVERY = 1.0  # seconds: the most a crash can lose, beyond what is still buffered when idle
-SECRET = re.compile(r"(^|_)(key|token|secret|password|headers)$", re.I)  # api_key, azure_ad_token, extra_headers…
 
 log = logging.getLogger("bridge.transcript")
 
@@ -36,15 +35,10 @@ def frame_fields(frame: Any, body: bytes) -> dict[str, Any]:
 
 
 def redacted(frame: dict) -> dict | None:
-    """An ``lm.configure`` request without its credentials (``api_key`` and the like), or None
-    when it has none: a transcript is meant to be shared, and replay never needs them."""
-    args = frame.get("args")
-    if frame.get("command") != "lm.configure" or not isinstance(args, dict):
-        return None
-    secrets = [k for k in args if isinstance(k, str) and SECRET.search(k)]
-    if not secrets:
-        return None
-    return {**frame, "args": {**args, **{k: "<redacted>" for k in secrets}}}
+    """A host frame without its secrets (``wire.redact``), or None when it has none: a
+    transcript is meant to be shared, and replay never needs them."""
+    hidden = redact(frame)
+    return None if hidden is frame else hidden
 
 
 def _safely(method: Callable[..., None]) -> Callable[..., None]:
@@ -149,7 +143,7 @@ class Recorder:
         if self._broken:
             return True
         try:
-            line = (jsontags.dumps(record) + "\n").encode("utf-8")
+            line = (jsontags.dumps(redact(record)) + "\n").encode("utf-8")
         except (TypeError, ValueError):
             return False
         try:

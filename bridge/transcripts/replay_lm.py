@@ -15,18 +15,23 @@ from typing import Any
 from bridge.lm.engines import force_engine, register_engine
 from bridge.lm.offline import int_option
 from bridge.lm.replayed import RecordedCalls, ReplayEngine, check_speed
-from bridge.transcripts.format import load
+from bridge.transcripts.format import load, parse_lines
 from bridge.wire.errors import TranscriptError
+from bridge.worker import paths
 
 _POOLS: dict[tuple[str, int | None], RecordedCalls] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def lm_records(path: str, segment: int | None) -> list[dict[str, Any]]:
-    """The LM calls a transcript recorded (one segment, or all in order); ValueError if unreadable."""
+def lm_records(path: str, segment: int | None, host: bool) -> list[dict[str, Any]]:
+    """The LM calls a transcript recorded (one segment, or all in order); ValueError if unreadable.
+    A ``host`` path is read bounded (``worker.paths``)."""
     try:
-        segments = load(path)
-    except (OSError, TranscriptError) as exc:
+        if host:
+            segments = parse_lines(paths.read_file(path).decode("utf-8").splitlines(True), path)
+        else:
+            segments = load(path)
+    except (OSError, UnicodeDecodeError, TranscriptError) as exc:
         raise ValueError(f"cannot replay LM calls from {path}: {exc}") from None
     if segment is not None and not 0 <= segment < len(segments):
         raise ValueError(f"{path} has {len(segments)} segment(s), not a segment {segment}")
@@ -34,19 +39,22 @@ def lm_records(path: str, segment: int | None) -> list[dict[str, Any]]:
     return [record["lm"] for seg in chosen for record in seg.lm_calls()]
 
 
-def pool(path: str, segment: int | None = None) -> RecordedCalls:
-    """The shared pool of ``path``'s recorded calls."""
-    key = (os.path.abspath(path), segment)
+def pool(path: str, segment: int | None = None, host: bool = False) -> RecordedCalls:
+    """The shared pool of ``path``'s recorded calls.  A ``host`` path (``replay/<path>``) is
+    confined and read bounded (``worker.paths``); the operator's (``--replay-lm``) is not.
+    Blocks on the file: call it off the event loop."""
+    real = paths.confine(path) if host else os.path.realpath(path)
+    key = (real, segment)
     with _POOLS_LOCK:
         if key not in _POOLS:
-            _POOLS[key] = RecordedCalls(path, lm_records(path, segment))
+            _POOLS[key] = RecordedCalls(path, lm_records(path, segment, host))
         return _POOLS[key]
 
 
 def replay_engine(path: str, options: dict[str, Any]) -> ReplayEngine:
     """``replay/<path>`` with optional ``segment`` (default: all) and ``speed`` (default: no pacing)."""
     segment = int_option(options, "segment", None, 0)
-    return ReplayEngine(pool(path, segment), check_speed(options.pop("speed", None)))
+    return ReplayEngine(pool(path, segment, host=True), check_speed(options.pop("speed", None)))
 
 
 def install() -> None:

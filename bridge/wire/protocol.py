@@ -7,11 +7,14 @@ side caused an error.  See ``docs/protocol.md`` for the full contract.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, NamedTuple
 
 from bridge.wire.errors import ErrorType, PeerError
 
 PROTOCOL_VERSION = 1
+QUOTE_BYTES = 200  # a host value quoted in an error is cut to this many bytes, then "…"
+MESSAGE_BYTES = 2048  # the most of an error message; a traceback gets eight times as much
 
 RequestId = int | str
 
@@ -114,8 +117,8 @@ def parse(body: dict) -> Event:
         return Shutdown()
     if kind is None:
         return Rejected(error(None, ErrorType.BAD_FRAME, "frame has no 'type'"))
-    return Rejected(error(None, ErrorType.BAD_FRAME, f"unknown frame type {kind!r}",
-                          {"type": kind if isinstance(kind, str) else repr(kind)}))
+    return Rejected(error(None, ErrorType.BAD_FRAME, f"unknown frame type {quote(kind)}",
+                          {"type": kind if isinstance(kind, str) else quote(kind)}))
 
 
 def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
@@ -148,15 +151,62 @@ def result(rid: RequestId, data: Any, meta: dict | None = None) -> dict:
 
 def error(rid: RequestId | None, type: str, message: str, details: dict | None = None,
           traceback: str | None = None, meta: dict | None = None) -> dict:
-    err: dict[str, Any] = {"type": type, "message": message}
+    """An error frame, bounded whatever it quotes: the message to ``MESSAGE_BYTES``, each string
+    or binary in ``details`` to ``QUOTE_BYTES`` (``details.length``: the first one's original size)."""
+    err: dict[str, Any] = {"type": type, "message": cut(message, MESSAGE_BYTES)}
     if details is not None:
-        err["details"] = details
+        err["details"] = _bounded(details)
     if traceback is not None:
-        err["traceback"] = traceback
+        err["traceback"] = cut(traceback, 8 * MESSAGE_BYTES)
     frame = {"type": "error", "id": rid, "error": err}
     if meta is not None:
         frame["meta"] = meta
     return frame
+
+
+def byte_size(value: str | bytes) -> int:
+    return len(value) if isinstance(value, bytes) else len(value.encode("utf-8", "surrogatepass"))
+
+
+def cut(value: Any, limit: int = QUOTE_BYTES) -> Any:
+    """A string or binary of at most ``limit`` bytes (UTF-8), then ``…``; anything else as is."""
+    if isinstance(value, bytes):
+        return value if len(value) <= limit else value[:limit] + "…".encode()
+    if not isinstance(value, str) or len(value) * 4 <= limit or byte_size(value) <= limit:
+        return value
+    return value[:limit].encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore") + "…"
+
+
+class _Quoter(reprlib.Repr):
+    """``reprlib`` with binaries sliced before their repr is built (it would repr them whole)."""
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return repr(value[:self.maxstring]) + ("…" if len(value) > self.maxstring else "")
+
+    def repr_ExtType(self, value: Any, level: int) -> str:  # msgpack's extension type
+        return f"ExtType({value.code}, {self.repr_bytes(value.data, level)})"
+
+
+_REPR = _Quoter()
+_REPR.maxstring = _REPR.maxother = QUOTE_BYTES
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 8, 8
+
+
+def quote(value: Any) -> str:
+    """A host value for an error message: its repr, built bounded and cut to ``QUOTE_BYTES``."""
+    return cut(_REPR.repr(value))
+
+
+def _bounded(details: dict) -> dict:
+    out, length = {}, None
+    for key, value in details.items():
+        if isinstance(value, (str, bytes)) and (short := cut(value)) is not value:
+            length = byte_size(value) if length is None else length
+            value = short
+        out[key] = value
+    if length is not None:
+        out.setdefault("length", length)
+    return out
 
 
 def rpc_request(rpc_id: int, rid: RequestId, tool: str, args: list, kwargs: dict,

@@ -21,7 +21,11 @@ class Config(NamedTuple):
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
-    allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
+    allow_modules: tuple[str, ...] = ()  # module prefixes 'call' may reach beyond its table (--allow-module)
+    allow_names: tuple[str, ...] = ()  # exact 'call' targets added to the table (--allow)
+    allow_paths: tuple[str, ...] = ()  # directories host paths may lie in (--allow-path)
+    max_file_bytes: int = 64 * 1024 * 1024  # the largest file read for a host (--max-file-bytes)
+    allow_api_bases: tuple[str, ...] = ()  # URL prefixes a frame may send the operator's key to
     meta: bool = True  # ``meta`` on terminal frames (``--no-meta`` is the benchmark's baseline)
     telemetry: bool = False  # telemetry frames for every request, not only those asking
     slow_chunk_ms: float = 100.0  # a gap between chunks above this is a slow_chunk event
@@ -53,7 +57,15 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inflight", type=int, default=10_000,
                    help="requests running at once; more are refused with 'overloaded'")
     p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
-                   help="module prefix the 'call' command may reach (repeatable; default: dspy)")
+                   help="module prefix whose public callables 'call' may reach beyond its table (repeatable)")
+    p.add_argument("--allow", action="append", dest="allow_names", metavar="NAME",
+                   help="one exact 'call' target added to the table, e.g. dspy.Evaluate (repeatable)")
+    p.add_argument("--allow-path", action="append", dest="allow_paths", metavar="DIR",
+                   help="a directory host paths may lie in: replay/<path>, save/load (repeatable; default: none)")
+    p.add_argument("--max-file-bytes", type=int, default=64 * 1024 * 1024,
+                   help="the largest file the worker reads for a host (default 64 MiB)")
+    p.add_argument("--allow-api-base", action="append", dest="allow_api_bases", metavar="PREFIX",
+                   help="a URL prefix an lm.configure api_base/base_url may name without its own api_key")
     p.add_argument("--no-meta", dest="meta", action="store_false",
                    help="leave 'meta' off terminal frames (the benchmark's baseline for its cost)")
     p.add_argument("--telemetry", action="store_true",
@@ -69,10 +81,17 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="with --replay-lm: recorded LM pacing, X times faster (default: no waiting)")
 
 
+TRUST_OPTIONS = (("--handlers", "handlers"), ("--allow-module", "allow_modules"), ("--allow", "allow_names"),
+                 ("--allow-path", "allow_paths"), ("--allow-api-base", "allow_api_bases"))
+"""Serve options that widen what a worker trusts: ``bridge replay`` takes them only from its command line."""
+
+
 def config_from(opts: argparse.Namespace, in_fd: int, out_fd: int) -> Config:
     """The ``Config`` of parsed ``bridge serve`` options."""
     return Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
                   max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
                   tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                  max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"]),
+                  max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ()),
+                  allow_names=tuple(opts.allow_names or ()), allow_paths=tuple(opts.allow_paths or ()),
+                  max_file_bytes=opts.max_file_bytes, allow_api_bases=tuple(opts.allow_api_bases or ()),
                   meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms)

@@ -21,6 +21,7 @@ import msgpack
 from bridge.observe.metrics import WorkerMetrics, idle_meta, request_meta
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, PeerError, ToolError
+from bridge.wire.redact import redact
 from bridge.worker.context import Context
 from bridge.worker.transport import FrameWriter
 
@@ -75,9 +76,9 @@ class Responder:
         encoded, run_command, run = [], "", 0
         for command, rid, value in replies:
             try:
-                encoded.append(framing.encode_result(prefix, rid, value))
+                encoded.append(framing.encode_result(prefix, redact(rid), redact(value)))
             except (TypeError, ValueError, OverflowError) as exc:
-                encoded.append(framing.encode(_unsendable(rid, exc), b"" if meta is None else framing.META_KEY + meta))
+                encoded.append(framing.encode(redact(_unsendable(rid, exc)), b"" if meta is None else framing.META_KEY + meta))
                 self.metrics.record(command, ms, ErrorType.HANDLER_ERROR, now)
                 continue
             if command is not run_command:

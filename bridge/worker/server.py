@@ -29,6 +29,8 @@ from bridge.observe.current import REQUEST
 from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
+from bridge.wire.redact import learn
+from bridge.worker import paths
 from bridge.worker.context import Context, Shared
 from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
@@ -62,6 +64,7 @@ class Server:
     def __init__(self, config: Config, registry: Registry = REGISTRY) -> None:
         self.config = config
         self.registry = registry
+        paths.configure(config.allow_paths, config.max_file_bytes)
         self.started = time.monotonic()
         self.inflight: dict[Any, Inflight] = {}
         self.sessions = SessionStore(config.max_objects)
@@ -234,17 +237,19 @@ class Server:
             self.respond.peer_error(event.frame)
 
     def _on_request(self, req: protocol.Request) -> None:
+        if req.args:
+            learn(req.args)  # a credential in any request is redacted by value from now on
         respond = self.respond
         if self.shutting_down:
             respond.reject(req.id, ErrorType.SHUTTING_DOWN, "the worker is shutting down and accepts no new requests")
             return
         entry = self.registry.get(req.command)
         if entry is None:
-            respond.reject(req.id, ErrorType.UNKNOWN_COMMAND, f"unknown command {req.command!r}",
+            respond.reject(req.id, ErrorType.UNKNOWN_COMMAND, f"unknown command {protocol.quote(req.command)}",
                            {"command": req.command, "available": self.registry.names()})
             return
         if req.id in self.inflight:
-            respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {req.id!r} is already in flight", {"id": req.id})
+            respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {protocol.quote(req.id)} is already in flight", {"id": req.id})
             return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)

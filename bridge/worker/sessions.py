@@ -13,6 +13,7 @@ from typing import Any
 
 from bridge.observe.metrics import LmUsage
 from bridge.wire.errors import PeerError
+from bridge.wire.protocol import quote
 
 DEFAULT_SESSION = "default"
 
@@ -37,7 +38,7 @@ class Session:
         try:
             return self.objects[ref]
         except (KeyError, TypeError):
-            raise PeerError("unknown_ref", f"session {self.id!r} holds no object {ref!r}") from None
+            raise PeerError("unknown_ref", f"session {quote(self.id)} holds no object {quote(ref)}") from None
 
 
 class SessionStore:
@@ -70,7 +71,7 @@ class SessionStore:
     def close(self, session_id: str | None) -> None:
         sid = session_id or DEFAULT_SESSION
         if self._sessions.pop(sid, None) is None:
-            raise PeerError("unknown_session", f"no session {sid!r}")
+            raise PeerError("unknown_session", f"no session {quote(sid)}")
 
     def store(self, session: Session, obj: Any) -> str:
         """Keep ``obj`` in ``session`` and return its new ref."""

@@ -11,20 +11,41 @@ import logging
 import os
 import signal
 import sys
+from typing import Any, TextIO
+
+from bridge.wire.redact import redact
 
 
 def claim_stdout() -> int:
     """Return a private descriptor on the real stdout; fd 1 and ``sys.stdout`` now go to stderr."""
     proto = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    divert_stdout()
     return proto
 
 
 def divert_stdout() -> None:
     """With ``--fds``, frames use other descriptors; fd 1 still must never see a stray print."""
     os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    sys.stderr = sys.stdout = RedactingStream(sys.stderr)
+
+
+class RedactingStream:
+    """``sys.stderr`` (and ``sys.stdout``) through ``redact``: log lines, prints and progress bars.
+    Bytes written straight to fd 2 by native code do not pass here."""
+
+    def __init__(self, inner: TextIO) -> None:
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        self._inner.write(redact(text))
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def setup_logging(level: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from bridge.wire import framing
+from bridge.wire.redact import redact
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
@@ -79,14 +80,16 @@ class FrameWriter:
 
     def send(self, frame: dict, extra: bytes = b"") -> int:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
-        returns its encoded size.  Never blocks."""
+        returns its encoded size.  Never blocks.  Secrets are redacted here (``wire.redact``)."""
+        frame = redact(frame)
         data = framing.encode(frame, extra)
         if self.tap is not None and not self.dead:
             self.tap(_decoded(data) if extra else frame)
         return self._append(data, 1)
 
     def send_encoded(self, frames: list[bytes]) -> int:
-        """Queue frames that are already encoded, in one append (a group of replies)."""
+        """Queue frames that are already encoded, in one append (a group of replies); their
+        producer has redacted them (``Server.flush_replies``)."""
         if self.tap is not None and not self.dead:
             for data in frames:
                 self.tap(_decoded(data))
