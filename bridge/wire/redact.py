@@ -27,11 +27,16 @@ MAX_SECRETS = 256
 _NAME = re.compile(r"(key|token|secret|password|authorization)$", re.IGNORECASE)
 _NAMES_CACHED = 4096
 
+
 _names: dict[Any, bool] = {}
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
 _lock = threading.Lock()
 _text: re.Pattern[str] | None = None
 _binary: re.Pattern[bytes] | None = None
+_clean: dict[str, None] = {}  # short strings known to hold no secret (protocol words, keys): no search
+_CLEAN_CACHED, _CLEAN_LEN = 4096, 64
+_PLAIN = frozenset({int, float, bool, type(None)})
+_needles: list[bytes] = []  # the secrets as UTF-8, for binaries
 
 
 def secret_name(name: Any) -> bool:
@@ -57,20 +62,29 @@ def remember(value: str) -> None:
             del _secrets[next(iter(_secrets))]
         ordered = sorted(_secrets, key=len, reverse=True)  # a longer secret wins over its own prefix
         _text = re.compile("|".join(map(re.escape, ordered)))
-        _binary = re.compile(b"|".join(re.escape(s.encode("utf-8", "surrogatepass")) for s in ordered))
+        _clean.clear()
+        _needles[:] = [s.encode("utf-8", "surrogatepass") for s in ordered]
+        _binary = re.compile(b"|".join(map(re.escape, _needles)))
 
 
 def learn(value: Any) -> None:
-    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth)."""
-    if isinstance(value, dict):
+    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth).
+    Runs for every request's arguments, so exact types are tested first."""
+    kind = type(value)
+    if kind is dict:
         for key, item in value.items():
-            if isinstance(item, str) and secret_name(key):
-                remember(item)
-            elif isinstance(item, (dict, list)):
+            kind = type(item)
+            if kind is str:
+                if secret_name(key):
+                    remember(item)
+            elif kind is dict or kind is list or isinstance(item, (dict, list)):
                 learn(item)
-    elif isinstance(value, list):
+    elif kind is list or isinstance(value, list):
         for item in value:
-            learn(item)
+            if type(item) is not str:
+                learn(item)
+    elif isinstance(value, dict):
+        learn(dict(value))
 
 
 def learn_environment(environ: Mapping[str, str]) -> None:
@@ -81,28 +95,74 @@ def learn_environment(environ: Mapping[str, str]) -> None:
 
 
 def redact(value: Any) -> Any:
-    """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found."""
+    """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found.
+    Every frame the worker writes goes through it, so the common cases are tested first."""
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
+    if kind is str:
+        return _redact_text(value)
     if isinstance(value, str):
-        return _text.sub(MARK, value) if _text is not None and _text.search(value) else value
+        return _redact_text(value)
     if isinstance(value, dict):
         return _redact_map(value)
     if isinstance(value, (list, tuple)):
         return _redact_items(value)
     if isinstance(value, (bytes, bytearray)):
-        return _binary.sub(MARK.encode(), value) if _binary is not None and _binary.search(value) else value
+        return _redact_binary(value)
+    return value
+
+
+def redact_frame(frame: dict) -> dict:
+    """``redact`` for a frame built by ``wire.protocol``: its keys and its ``type`` are protocol
+    words, never secrets, so only the other values are walked (a chunk of an int costs a
+    few type checks)."""
+    out = None
+    for key, item in frame.items():
+        if key == "type" or type(item) in _PLAIN:
+            continue
+        new = redact(item)
+        if new is not item:
+            if out is None:
+                out = dict(frame)
+            out[key] = new
+    return frame if out is None else out
+
+
+def _redact_binary(value: bytes | bytearray) -> bytes | bytearray:
+    """A few secrets are looked for one by one (a substring search is far faster than the
+    alternation over a large payload); many, with the compiled alternation."""
+    if _binary is None:
+        return value
+    if len(_needles) <= 8 and not any(needle in value for needle in _needles):
+        return value
+    return _binary.sub(MARK.encode(), value) if _binary.search(value) else value
+
+
+def _redact_text(value: str) -> str:
+    if _text is None or value in _clean:
+        return value
+    if _text.search(value):
+        return _text.sub(MARK, value)
+    if len(value) <= _CLEAN_LEN and len(_clean) < _CLEAN_CACHED:
+        _clean[value] = None
     return value
 
 
 def _redact_map(value: dict) -> dict:
     out = None
+    names, clean = _names, _clean
     for key, item in value.items():
-        if secret_name(key) and isinstance(item, (str, bytes, dict, list)) and item != MARK:
+        hit = names.get(key)
+        if hit is None:
+            hit = secret_name(key)
+        if hit and isinstance(item, (str, bytes, dict, list)) and item != MARK:
             if isinstance(item, str):
                 remember(item)
             new = MARK
         else:
-            new = redact(item)
-        new_key = redact(key) if isinstance(key, str) else key
+            new = item if type(item) in _PLAIN else redact(item)
+        new_key = key if _text is None or key in clean or type(key) is not str else _redact_text(key)
         if new is not item or new_key is not key:
             if out is None:
                 out = dict(value)

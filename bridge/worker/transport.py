@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from bridge.wire import framing
-from bridge.wire.redact import redact
+from bridge.wire.redact import redact_frame
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
@@ -81,7 +81,7 @@ class FrameWriter:
     def send(self, frame: dict, extra: bytes = b"") -> int:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
         returns its encoded size.  Never blocks.  Secrets are redacted here (``wire.redact``)."""
-        frame = redact(frame)
+        frame = redact_frame(frame)
         data = framing.encode(frame, extra)
         if self.tap is not None and not self.dead:
             self.tap(_decoded(data) if extra else frame)
@@ -89,7 +89,7 @@ class FrameWriter:
 
     def send_encoded(self, frames: list[bytes]) -> int:
         """Queue frames that are already encoded, in one append (a group of replies); their
-        producer has redacted them (``Server.flush_replies``)."""
+        producer has redacted them (``Responder.flush``)."""
         if self.tap is not None and not self.dead:
             for data in frames:
                 self.tap(_decoded(data))
