@@ -9,6 +9,8 @@ the same type names.  Every problem is a ``ValueError`` the handlers report as
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import TYPE_CHECKING, Any
 
 from bridge.programs.typenames import SignatureError, resolve_text, string_fields
@@ -19,14 +21,41 @@ if TYPE_CHECKING:
 
 _MAP_KEYS = {"inputs", "outputs", "instructions"}
 _FIELD_KEYS = {"desc", "type"}
+CACHED = 256  # signatures kept built: building one (a pydantic model) costs milliseconds
 
 
 def parse_signature(spec: Any, instructions: Any = None) -> "type[dspy.Signature]":
-    """The signature ``spec`` describes; ``instructions`` (if given) replaces its instructions."""
-    import dspy
+    """The signature ``spec`` describes; ``instructions`` (if given) replaces its instructions.
 
+    The same spec gives the same class, from a bounded cache: requests repeat their
+    signatures, and DSPy treats a signature class as immutable (``with_instructions``
+    and the optimizers make new ones)."""
     if instructions is not None and not isinstance(instructions, str):
         raise ValueError("'instructions' must be a string")
+    if isinstance(spec, dict):
+        try:
+            key = json.dumps(spec, sort_keys=True)
+        except (TypeError, ValueError):  # not JSON (a non-string key): built each time
+            return _build(spec, instructions)
+        return _built_map(key, instructions)
+    if isinstance(spec, str):
+        return _built(spec, instructions)
+    return _build(spec, instructions)
+
+
+@functools.lru_cache(maxsize=CACHED)
+def _built(spec: str, instructions: str | None) -> "type[dspy.Signature]":
+    return _build(spec, instructions)
+
+
+@functools.lru_cache(maxsize=CACHED)
+def _built_map(key: str, instructions: str | None) -> "type[dspy.Signature]":
+    return _build(json.loads(key), instructions)
+
+
+def _build(spec: Any, instructions: str | None) -> "type[dspy.Signature]":
+    import dspy
+
     if isinstance(spec, str):
         try:
             signature = dspy.Signature(string_fields(spec))
