@@ -96,12 +96,12 @@ def learn_environment(environ: Mapping[str, str]) -> None:
 
 def redact(value: Any) -> Any:
     """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found.
-    Every frame the worker writes goes through it, so the common cases are tested first."""
-    kind = type(value)
-    if kind in _PLAIN:
+    Every frame the worker writes goes through it, so dispatch is one lookup by exact type."""
+    walk = _BY_TYPE.get(type(value))
+    if walk is not None:
+        return walk(value)
+    if type(value) in _PLAIN:
         return value
-    if kind is str:
-        return _redact_text(value)
     if isinstance(value, str):
         return _redact_text(value)
     if isinstance(value, dict):
@@ -119,9 +119,12 @@ def redact_frame(frame: dict) -> dict:
     few type checks)."""
     out = None
     for key, item in frame.items():
-        if key == "type" or type(item) in _PLAIN:
-            continue
-        new = redact(item)
+        walk = _BY_TYPE.get(type(item))
+        if walk is None:
+            if key == "type" or type(item) in _PLAIN:
+                continue
+            walk = redact
+        new = walk(item)
         if new is not item:
             if out is None:
                 out = dict(frame)
@@ -150,6 +153,8 @@ def _redact_text(value: str) -> str:
 
 
 def _redact_map(value: dict) -> dict:
+    if not value:
+        return value
     out = None
     names, clean = _names, _clean
     for key, item in value.items():
@@ -172,14 +177,22 @@ def _redact_map(value: dict) -> dict:
     return value if out is None else out
 
 
-def _redact_items(value: Iterable[Any]) -> Any:
-    items = list(value)
-    changed = False
-    for i, item in enumerate(items):
+def _redact_items(value: list | tuple) -> Any:
+    if not value:
+        return value
+    out = None
+    for i, item in enumerate(value):
+        if type(item) in _PLAIN:
+            continue
         new = redact(item)
         if new is not item:
-            items[i], changed = new, True
-    if not changed:
+            if out is None:
+                out = list(value)
+            out[i] = new
+    if out is None:
         return value
-    return tuple(items) if isinstance(value, tuple) else items
+    return tuple(out) if isinstance(value, tuple) else out
 
+
+_BY_TYPE: dict[type, Any] = {str: _redact_text, dict: _redact_map, list: _redact_items, tuple: _redact_items,
+                             bytes: _redact_binary, bytearray: _redact_binary}
