@@ -18,7 +18,7 @@ from typing import Any, Callable
 from . import ab
 from . import scenarios as s
 from .harness import BRIDGE, FLOOR, ROOT, Peer, alternate
-from .port import INPROC, Driver, port_peer
+from .port import INPROC, Driver, library_peer, port_peer
 
 Row = tuple[str, float | None, float | None, str, str]
 
@@ -60,6 +60,7 @@ def port_rows(reps: int, scale: float) -> list[Row]:
     out.append(("echo latency, 1 in flight (µs, median)", seq, seq_floor, f"{seq / seq_floor:.2f}",
                 f"<= 1.5x floor: {verdict(seq / seq_floor, 1.5, False)}"))
     rate_row("echo, 100 in flight", "echo_pipe", (n(60_000), 100), 0.6)
+    out.append(_through_the_library(reps, n(60_000)))
     rate_row("stream, int chunks", "stream", (n(200_000), 0), 0.6)
     rate_row("stream, 1 KiB chunks", "stream", (n(100_000), 1024), 0.0)
     first, first_floor = both("first_chunk", n(1000))
@@ -73,6 +74,14 @@ def port_rows(reps: int, scale: float) -> list[Row]:
     out.extend(_port_ping_under_load(n(1000)))
     out.append(_dspy_call_overhead(reps, n(1000)))
     return out
+
+
+def _through_the_library(reps: int, calls: int) -> Row:
+    """Echo with 100 callers in flight through ``DSPyBridge.Worker``, against the floor through the escript."""
+    worker, floor = alternate([library_peer(BRIDGE), port_peer(FLOOR)], lambda p: p.value("echo_pipe", calls, 100),
+                              reps)
+    ours, base = statistics.median(worker), statistics.median(floor)
+    return ("echo, 100 in flight, through DSPyBridge.Worker (/s)", ours, base, f"{ours / base:.2f}", "")
 
 
 def _port_ping_under_load(pings: int) -> list[Row]:

@@ -3,8 +3,8 @@
 ``bench/port_driver.escript`` opens the port the way an application does and
 times every scenario from the BEAM's send; this side only sends it one command
 per line and reads one JSON line back.  Any program that speaks the same line
-protocol is a peer (``bench/inproc.py`` is one; a driver that goes through the
-Elixir library's ``DSPyBridge.Worker`` would be another).
+protocol is a peer (``bench/inproc.py`` is one; ``elixir/bench/worker_driver.exs``, which
+goes through the Elixir library's ``DSPyBridge.Worker``, is another).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def escript() -> str:
 class Driver:
     """One line-protocol driver process and the worker it runs (``os_pid``)."""
 
-    def __init__(self, argv: list[str], warm: bool = True, root: str = ROOT) -> None:
+    def __init__(self, argv: list[str], warm: bool = True, root: str = ROOT, cwd: str | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=root, ERL_CRASH_DUMP_SECONDS="0")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=root, env=env)
+                                     cwd=cwd or root, env=env)
         hello = self._answer()
         self.pid, self.ready_ms = hello["os_pid"], hello["ms"]
         if warm:
@@ -77,3 +77,14 @@ def port_peer(worker: list[str], warm: bool = True, root: str = ROOT) -> Driver:
     """``worker`` (an argv starting with an absolute executable) behind a port in a fresh VM."""
     return Driver([escript(), DRIVER, "drive", *worker], warm, root)
 
+
+
+def library_peer(worker: list[str], root: str = ROOT) -> Driver:
+    """``worker`` (``PYTHON -m bridge serve ARG...``) started by the Elixir library's ``DSPyBridge.Worker``
+    (``elixir/bench/worker_driver.exs``), which adds ``-m bridge serve`` itself."""
+    if shutil.which("mix") is None:
+        raise SystemExit("mix not found on PATH: the DSPyBridge.Worker row needs Elixir (apt-get install elixir)")
+    python, serve = worker[0], worker[1:]
+    assert serve[:3] == ["-m", "bridge", "serve"], worker
+    return Driver(["mix", "run", "bench/worker_driver.exs", python, *serve[3:]], root=root,
+                  cwd=os.path.join(root, "elixir"))
