@@ -53,7 +53,7 @@ class Context:
     """
 
     __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "parked", "shared",
-                 "_writer", "_credit", "_credit_event", "_since_yield",
+                 "_writer", "_credit", "_waiters", "_since_yield",
                  "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
                  "_watch_chunks")
 
@@ -69,7 +69,7 @@ class Context:
         self.shared = shared
         self._writer = shared.writer
         self._credit = req.window
-        self._credit_event: anyio.Event | None = None
+        self._waiters: list[anyio.Event] | None = None  # emitters waiting for credit, one event each
         self._since_yield = YIELD_EVERY
         self.arrived = self.started = arrived  # arrival: the read that carried the request
         self.first_chunk: float | None = None
@@ -106,10 +106,7 @@ class Context:
             raise RequestClosed(f"request {self.id!r} is finished")
         if self._credit is not None:
             while self._credit <= 0:
-                self._credit_event = anyio.Event()
-                await self._credit_event.wait()
-                if self.closed:
-                    raise RequestClosed(f"request {self.id!r} is finished")
+                await self._wait_for_credit()
             self._credit -= 1
         writer = self._writer
         self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
@@ -123,6 +120,24 @@ class Context:
             if self._since_yield >= YIELD_EVERY:
                 self._since_yield = 0
                 await anyio.lowlevel.checkpoint()
+
+    async def _wait_for_credit(self) -> None:
+        """Park until credit arrives or the request ends.  Several emitters (batch lanes) may
+        wait on one request, so each has its own event: one shared slot would lose wake-ups."""
+        if self._waiters is None:
+            self._waiters = []
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        finally:
+            self._waiters.remove(event)
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+
+    def _wake_waiters(self) -> None:
+        for event in self._waiters or ():
+            event.set()
 
     def _watched_chunk(self) -> None:
         now = time.perf_counter()
@@ -144,8 +159,7 @@ class Context:
         if self._credit is None:
             return
         self._credit += n
-        if self._credit_event is not None:
-            self._credit_event.set()
+        self._wake_waiters()  # each re-checks the credit: one that finds none waits again
 
     # ---- host tools --------------------------------------------------------------
 
@@ -171,5 +185,4 @@ class Context:
         self.closed = True
         for slot in tuple(self.parked):
             slot.finish(CLOSED)
-        if self._credit_event is not None:
-            self._credit_event.set()
+        self._wake_waiters()
