@@ -173,10 +173,32 @@ def test_cancel_for_unknown_or_finished_ids_is_ignored(worker):
     call.result()
     call.cancel()
     worker.send({"type": "cancel", "id": "never"})
-    worker.send({"type": "cancel", "id": [1]})
     worker.send({"type": "credit", "id": "never", "n": 1})
     assert worker.call("ping")["pong"]
     assert worker.unrouted.empty()
+
+
+@pytest.mark.parametrize("frame, field", [
+    ({"type": "cancel", "id": True}, "id"),
+    ({"type": "cancel", "id": [1]}, "id"),
+    ({"type": "credit", "id": 1.0, "n": 1}, "id"),
+    ({"type": "credit", "id": "x" * 257, "n": 1}, "id"),
+    ({"type": "rpc_response", "rpc_id": True, "ok": True, "result": 1}, "rpc_id"),
+    ({"type": "rpc_response", "rpc_id": None, "ok": True}, "rpc_id"),
+])
+def test_bad_ids_in_cancel_credit_and_rpc_response_are_bad_frames(frame, field):
+    """A bool is no id: ``cancel`` with ``id: true`` must not cancel request 1, nor ``rpc_id: true``
+    answer parked call 1."""
+    with spawn() as w:
+        one = w.request("test.tool", {"tool": "t"}, id=1)
+        parked = w.rpc_requests.get(timeout=5)
+        assert parked["rpc_id"] == 1
+        w.send(frame)
+        error = unrouted(w)
+        assert error["id"] is None and error["error"]["type"] == "bad_frame"
+        assert error["error"]["details"]["field"] == field
+        w.respond(1, "answered")
+        assert one.result() == "answered"
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -221,12 +221,12 @@ class Server:
             self._on_request(event)
         elif isinstance(event, protocol.RpcResponse):
             self.tools.on_response(event)
-        elif isinstance(event, protocol.Cancel):
-            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+        elif isinstance(event, protocol.Cancel):  # ids are checked by ``protocol.parse``: never a bool
+            state = self.inflight.get(event.id)
             if state is not None:
                 state.cancel(ErrorType.CANCELLED)
         elif isinstance(event, protocol.Credit):
-            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            state = self.inflight.get(event.id)
             if state is not None:
                 state.ctx.add_credit(event.n)
         elif isinstance(event, protocol.Shutdown):

@@ -133,7 +133,7 @@ class ToolBridge:
 
     def on_response(self, response: protocol.RpcResponse) -> None:
         """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored."""
-        slot = self._slots.get(response.rpc_id) if isinstance(response.rpc_id, int) else None
+        slot = self._slots.get(response.rpc_id)  # an id checked by ``protocol.parse``: never a bool
         if slot is None or slot.done:
             log.warning("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
             return
