@@ -102,3 +102,21 @@ def test_closing_the_request_wakes_every_emitter_with_request_closed():
         assert ctx._waiters == []  # each waiter removed its own event
 
     anyio.run(main)
+
+
+# ---- error classification ----------------------------------------------------------------
+
+def test_groups_are_classified_by_the_error_they_stand_for():
+    from bridge.wire.errors import PeerError, ToolError
+    from bridge.worker.respond import failure
+
+    def error_of(exc: Exception) -> dict:
+        return failure(1, exc)["error"]
+
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [PeerError("bad_request", "no")])])
+    assert error_of(nested)["type"] == "bad_request"
+    same = ExceptionGroup("eof", [ToolError("host_closed", "gone"), ToolError("host_closed", "gone")])
+    assert error_of(same) == {"type": "tool_error", "message": "gone", "details": {"tool_error": "host_closed"}}
+    mixed = ExceptionGroup("mixed", [ToolError("host_closed", "gone"), ToolError("not_found", "row")])
+    assert error_of(mixed)["type"] == "handler_error"
+    assert error_of(mixed)["details"] == {"exception": "ExceptionGroup"}
