@@ -130,3 +130,9 @@ def inline_unserializable(args: dict, ctx) -> object:
 @handler("test.inline_raise", inline=True)
 def inline_raise(args: dict, ctx) -> None:
     raise ValueError("inline boom")
+
+
+@handler("test.declared", inline=True, args=("alpha", "beta"))
+def declared(args: dict, ctx) -> dict:
+    """A user handler that declares its arguments: others are refused before it runs."""
+    return args

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from bridge import RemoteError
@@ -77,3 +80,153 @@ def test_eof_while_calls_are_parked_is_host_closed(host):
         call.result()
     assert info.value.type == "tool_error" and info.value.details == {"tool_error": "host_closed"}
     assert host.wait(5) == 0
+
+
+# ---- a true thread bound ------------------------------------------------------------------------
+
+def thread_names(pid: int) -> list[str]:
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:
+            pass  # the thread exited meanwhile
+    return names
+
+
+def warmed_up(w) -> None:
+    """Returns once the DSPy warm-up (which holds a worker thread) is over: DSPy commands wait for it."""
+    w.call("lm.configure", {"model": "scripted/demo", "script": []})
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    """Poll ``condition`` (a round trip to the worker) until it holds: for what sends no frame."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def barrier(w) -> None:
+    """Returns once every request sent before has started: request tasks start in arrival order."""
+    w.call("test.emit", {"n": 0})
+
+
+def test_a_cancelled_thread_counts_against_max_threads_until_it_returns():
+    with spawn("--max-threads", "2") as w:
+        warmed_up(w)
+        blocked = [w.request("test.sync_gen", {"n": 2, "delay": 2.0}) for _ in range(2)]
+        for call in blocked:
+            assert next(call.chunks()) == 0  # its thread runs, and now sleeps 2 s
+        waiting = w.request("sleep", {"seconds": 0})
+        barrier(w)
+        assert w.call("stats")["threads"] == {"busy": 2, "abandoned": 0, "queued": 1}
+        for call in blocked:
+            call.cancel()
+            with pytest.raises(RemoteError, match="cancelled"):
+                call.result()
+        assert w.call("stats")["threads"] == {"busy": 2, "abandoned": 2, "queued": 1}
+        assert waiting.result() == {"slept": 0}  # only once an abandoned thread returned
+        assert waiting.terminal["meta"]["queue_ms"] > 500
+        until(lambda: w.call("stats")["threads"] == {"busy": 0, "abandoned": 0, "queued": 0})
+        assert sum(name.startswith("bridge-thread") for name in thread_names(w.proc.pid)) <= 2
+
+
+def test_calls_beyond_the_thread_queue_are_overloaded():
+    with spawn("--max-threads", "1", "--max-thread-queue", "2") as w:
+        warmed_up(w)
+        running = w.request("test.sync_gen", {"n": 1, "delay": 0.5})
+        assert next(running.chunks()) == 0
+        queued = [w.request("sleep", {"seconds": 0}) for _ in range(2)]
+        barrier(w)
+        with pytest.raises(RemoteError) as info:
+            w.call("sleep", {"seconds": 0})
+        assert info.value.type == "overloaded"
+        assert info.value.details == {"max_threads": 1, "max_thread_queue": 2, "busy": 1, "abandoned": 0,
+                                      "queued": 2}
+        assert running.result() == {"done": 1}
+        assert [call.result() for call in queued] == [{"slept": 0}] * 2
+
+
+# ---- strict arguments -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command, args, details", [
+    ("sleep", {"ms": 200}, {"argument": "ms", "known": ["seconds"]}),
+    ("session.create", {"session_id": "x"}, {"argument": "session_id", "known": ["ttl_s"]}),
+    ("dspy.predict", {"signatur": QA, "inputs": {"question": "q"}},
+     {"argument": "signatur", "did_you_mean": "signature",
+      "known": ["config", "inputs", "instructions", "max_iters", "module", "signature", "tools"]}),
+    ("ping", {"x": 1}, {"argument": "x", "known": []}),
+    ("test.declared", {"alpha": 1, "betta": 2}, {"argument": "betta", "did_you_mean": "beta", "known": ["alpha", "beta"]}),
+])
+def test_an_unknown_argument_is_a_bad_request_naming_it(w, command, args, details):
+    with pytest.raises(RemoteError) as info:
+        w.call(command, args, session_id=new_session_id())
+    assert info.value.type == "bad_request" and info.value.details == details
+    assert repr(details["argument"]) in info.value.message
+
+
+def test_free_form_arguments_stay_free(w):
+    assert w.call("echo", {"anything": 1, "at": "all"}) == {"anything": 1, "at": "all"}
+    assert w.call("test.declared", {"alpha": 1}) == {"alpha": 1}
+    assert w.call("test.emit", {"n": 1, "extra": True}) == {"emitted": 1}  # declares nothing: free-form
+
+
+# ---- bounded sessions ----------------------------------------------------------------------------
+
+def test_one_session_more_than_max_sessions_is_overloaded():
+    with spawn("--max-sessions", "3") as w:
+        for sid in ("a", "b", "c"):
+            w.call("session.create", {}, session_id=sid)
+        with pytest.raises(RemoteError) as info:
+            w.call("session.create", {}, session_id="d")
+        assert info.value.type == "overloaded" and info.value.details == {"max_sessions": 3}
+        w.call("session.close", {}, session_id="a")
+        assert w.call("session.create", {}, session_id="d") == {"session_id": "d", "ttl_s": None}
+        assert w.call("stats")["sessions"] == 3
+
+
+def test_an_implicit_session_expires_and_says_so_once():
+    with spawn("--session-ttl", "0.2") as w:
+        configure(w, "implicit", [{"answer": "a"}])
+        w.call("session.create", {}, session_id="explicit")  # no ttl_s: kept until closed
+        until(lambda: w.call("stats")["sessions"] == 1)  # the sweep ended the implicit one
+        predict = {"signature": QA, "inputs": {"question": "q"}}
+        with pytest.raises(RemoteError) as info:
+            w.call("dspy.predict", predict, session_id="implicit")
+        assert info.value.type == "unknown_session"
+        assert info.value.details == {"session_id": "implicit", "reason": "expired"}
+        with pytest.raises(RemoteError) as info:  # said once: now a fresh session, with no LM
+            w.call("dspy.predict", predict, session_id="implicit")
+        assert info.value.type == "lm_not_configured"
+
+
+@pytest.mark.parametrize("opener, args", [
+    ("lm.configure", {"model": "scripted/demo", "script": []}),
+    ("session.create", {"ttl_s": 60}),
+    ("program.load", {"module": "Predict", "signature": QA}),
+])
+def test_commands_that_open_a_session_start_a_closed_one_afresh(w, opener, args):
+    if opener == "program.load":
+        ref = w.call("program.create", {"module": "Predict", "signature": QA})["ref"]
+        args = {**args, "state": w.call("program.save", {"ref": ref})["state"]}
+    session = new_session_id()
+    w.call("session.create", {}, session_id=session)
+    w.call("session.close", {}, session_id=session)
+    w.call(opener, args, session_id=session)  # no unknown_session
+    assert w.call("session.close", {}, session_id=session) == {"closed": True}
+
+
+@pytest.mark.parametrize("fields, args", [
+    ({"session_id": ""}, {}),
+    ({"session_id": "x" * 257}, {}),
+    ({"session_id": "é" * 129}, {}),  # 258 bytes
+    ({}, {"ttl_s": float("nan")}),
+    ({}, {"ttl_s": float("inf")}),
+    ({}, {"ttl_s": 0}),
+])
+def test_bad_session_ids_and_ttls_are_bad_requests(w, fields, args):
+    with pytest.raises(RemoteError) as info:
+        w.call("session.create", args, **{"session_id": new_session_id(), **fields})
+    assert info.value.type == "bad_request"

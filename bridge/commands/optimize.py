@@ -23,7 +23,7 @@ def program_arg(ctx: Context, spec: Any) -> Program:
     raise ValueError("'program' must be a ref or {module, signature}")
 
 
-@handler("dspy.evaluate", needs_dspy=True)
+@handler("dspy.evaluate", needs_dspy=True, args=("program", "metric", "devset", "concurrency"))
 async def evaluate(args: dict, ctx: Context) -> dict[str, Any]:
     """Score ``program`` on ``devset``: one ``example`` chunk per item as it finishes; the mean score."""
     from bridge.programs.optimize import Metric, check_items, evaluate
@@ -37,7 +37,8 @@ async def evaluate(args: dict, ctx: Context) -> dict[str, Any]:
     return {"score": await evaluate(program, devset, metric, ctx, lanes, report=True), "n": len(devset)}
 
 
-@handler("dspy.optimize", needs_dspy=True)
+@handler("dspy.optimize", needs_dspy=True,
+         args=("program", "metric", "optimizer", "params", "trainset", "valset", "concurrency"))
 async def optimize(args: dict, ctx: Context) -> dict[str, Any]:
     """Compile ``program`` with a DSPy optimizer; progress chunks; the compiled program is stored."""
     from bridge.programs.optimize import Metric, Plan, check_items, evaluate, optimize

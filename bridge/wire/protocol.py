@@ -109,8 +109,10 @@ def _parse_request(body: dict) -> Request | Rejected:
     elif type(args) is not dict:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'args' must be a map"))
     session_id = body.get("session_id")
-    if session_id is not None and type(session_id) is not str:
-        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'session_id' must be a str"))
+    if session_id is not None and not (type(session_id) is str and session_id and is_id(session_id)):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST,
+                              f"request 'session_id' must be a non-empty str of at most {ID_MAX_BYTES} bytes",
+                              {"field": "session_id", "value": _shown(session_id)}))
     timeout_ms, window = body.get("timeout_ms"), body.get("window")
     if _bad_int(timeout_ms, 0):
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "'timeout_ms' must be an integer >= 0"))

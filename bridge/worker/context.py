@@ -24,6 +24,7 @@ from bridge.worker.tools import CLOSED
 if TYPE_CHECKING:
     from bridge.worker.options import Config
     from bridge.worker.sessions import Session, SessionStore
+    from bridge.worker.threads import Threads
     from bridge.worker.tools import Slot, ToolBridge
     from bridge.worker.transport import FrameWriter
 
@@ -37,7 +38,7 @@ class Shared(NamedTuple):
     writer: "FrameWriter"
     tools: "ToolBridge"
     sessions: "SessionStore"
-    threads: anyio.CapacityLimiter  # bounds the worker threads of sync handlers and DSPy runs
+    threads: "Threads"  # ``await threads.run_sync(fn, *args)``: worker threads, bounded until they return
     token: Any  # the loop's anyio token: ``*_blocking`` calls from threads reach the loop with it
     post: Post  # run ``fn(body)`` on the loop, from any thread
     config: "Config"
@@ -52,16 +53,17 @@ class Context:
     group's ``meta`` instead (``worker.respond``).
     """
 
-    __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "parked", "shared",
+    __slots__ = ("id", "command", "session_id", "opens", "deadline", "seq", "closed", "parked", "shared",
                  "_writer", "_credit", "_waiters", "_since_yield",
                  "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
                  "_watch_chunks")
 
     def __init__(self, req: protocol.Request, shared: Shared, arrived: float, observed: bool = False,
-                 lm: bool = False) -> None:
+                 lm: bool = False, opens: bool = False) -> None:
         self.id = req.id
         self.command = req.command
         self.session_id = req.session_id
+        self.opens = opens  # the command sets its session up: an ended one starts afresh
         self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
         self.seq = 0
         self.closed = False
@@ -95,8 +97,9 @@ class Context:
 
     @property
     def session(self) -> "Session":
-        """The request's session (``session_id``, or the default one); created on first use."""
-        return self.shared.sessions.get_or_create(self.session_id)
+        """The request's session (``session_id``, or the default one); created on first use.
+        ``unknown_session`` once for one that expired or was closed, unless the command opens it."""
+        return self.shared.sessions.get_or_create(self.session_id, self.opens)
 
     # ---- chunks ----------------------------------------------------------------
 

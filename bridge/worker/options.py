@@ -17,10 +17,13 @@ class Config(NamedTuple):
     out_fd: int = 1
     max_frame_bytes: int = framing.MAX_FRAME_BYTES
     max_threads: int = 32
+    max_thread_queue: int = 1000  # calls waiting for a worker thread; one more is ``overloaded``
     drain_timeout: float = 30.0
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
+    max_sessions: int = 10_000  # one more session is ``overloaded``
+    session_ttl: float = 3600.0  # idle seconds before a session not made by session.create expires
     allow_modules: tuple[str, ...] = ("dspy",)  # module prefixes the 'call' command may reach
     meta: bool = True  # ``meta`` on terminal frames (``--no-meta`` is the benchmark's baseline)
     telemetry: bool = False  # telemetry frames for every request, not only those asking
@@ -35,6 +38,26 @@ def _fds(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, not {text!r}")
+    return value
+
+
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fds", type=_fds, metavar="IN,OUT",
                    help="read and write frames on these descriptors (Erlang nouse_stdio: 3,4)")
@@ -45,13 +68,21 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagnostics", action="store_true",
                    help="also serve stream_count, sleep and rpc_loop (benchmarks, health checks)")
     p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--max-threads", type=int, default=32, help="worker threads for sync handlers")
+    p.add_argument("--max-threads", type=_positive, default=32,
+                   help="worker threads (sync handlers, threaded DSPy work); a cancelled call's thread "
+                        "counts until it returns")
+    p.add_argument("--max-thread-queue", type=_positive, default=1000,
+                   help="calls that may wait for a worker thread; one more is refused with 'overloaded'")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
     p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
     p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
     p.add_argument("--max-inflight", type=int, default=10_000,
                    help="requests running at once; more are refused with 'overloaded'")
+    p.add_argument("--max-sessions", type=_positive, default=10_000,
+                   help="sessions held at once; a request that would create one more gets 'overloaded'")
+    p.add_argument("--session-ttl", type=_seconds, default=3600.0, metavar="S",
+                   help="idle seconds before a session not made by session.create (and not the default one) expires")
     p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
                    help="module prefix the 'call' command may reach (repeatable; default: dspy)")
     p.add_argument("--no-meta", dest="meta", action="store_false",
@@ -72,7 +103,8 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
 def config_from(opts: argparse.Namespace, in_fd: int, out_fd: int) -> Config:
     """The ``Config`` of parsed ``bridge serve`` options."""
     return Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
-                  max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
+                  max_threads=opts.max_threads, max_thread_queue=opts.max_thread_queue, drain_timeout=opts.drain_timeout,
                   tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                  max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ["dspy"]),
+                  max_inflight=opts.max_inflight, max_sessions=opts.max_sessions, session_ttl=opts.session_ttl,
+                  allow_modules=tuple(opts.allow_modules or ["dspy"]),
                   meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms)

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 
 from bridge import __version__
 from bridge.observe.current import REQUEST
@@ -34,6 +33,7 @@ from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
 from bridge.worker.respond import Responder, cancelled, failure
 from bridge.worker.sessions import SessionStore
+from bridge.worker.threads import Threads
 from bridge.worker.tools import ToolBridge
 from bridge.worker.transport import FrameWriter, peer_closed, prepare_fd, read_some
 
@@ -64,7 +64,7 @@ class Server:
         self.registry = registry
         self.started = time.monotonic()
         self.inflight: dict[Any, Inflight] = {}
-        self.sessions = SessionStore(config.max_objects)
+        self.sessions = SessionStore(config.max_objects, config.max_sessions, config.session_ttl)
         self.frames_in = 0
         self.bytes_in = 0
         self.metrics = WorkerMetrics()
@@ -77,7 +77,7 @@ class Server:
         self.respond: Responder = None  # type: ignore[assignment]
         self.shared: Shared = None  # type: ignore[assignment]
         self.warm = anyio.Event()
-        self.limiter = anyio.CapacityLimiter(config.max_threads)
+        self.threads = Threads(config.max_threads, config.max_thread_queue)
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
         self.recorder: Any = None  # with --record, installed by the CLI: sees every frame both ways
@@ -95,7 +95,7 @@ class Server:
         self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
         self.respond = Responder(self.writer, self.metrics, cfg.meta)
         self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self.shared = Shared(self.writer, self.tools, self.sessions, self.limiter, anyio.lowlevel.current_token(),
+        self.shared = Shared(self.writer, self.tools, self.sessions, self.threads, anyio.lowlevel.current_token(),
                              self.post, cfg, self.stats)
         async with anyio.create_task_group() as tg:
             self._tg = tg
@@ -189,7 +189,7 @@ class Server:
         """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
         try:
             for fn in self.registry.warmups:
-                await anyio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+                await self.threads.run_sync(fn)
         except Exception:
             log.exception("warm-up failed; requests that need it will fail on their own")
         finally:
@@ -247,6 +247,11 @@ class Server:
         if req.id in self.inflight:
             respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {req.id!r} is already in flight", {"id": req.id})
             return
+        if req.args and entry.args is not None:
+            unknown = entry.unknown_argument(req.args)
+            if unknown is not None:
+                respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)
+                return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
             return
@@ -255,7 +260,8 @@ class Server:
                            {"limit": self.config.max_inflight})
             return
         deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
-        ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy)
+        ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy,
+                      entry.opens_session)
         state = self.inflight[req.id] = Inflight(ctx, deadline)
         self._tg.start_soon(self._run, entry, req, state)
 
@@ -264,7 +270,7 @@ class Server:
         telemetry, or a failing one, is answered at once with its own ``meta``."""
         respond = self.respond
         observed = req.telemetry or self.telemetry_all
-        ctx = Context(req, self.shared, respond.arrived, observed)
+        ctx = Context(req, self.shared, respond.arrived, observed, opens=entry.opens_session)
         if observed:
             _begin(ctx)
         try:
@@ -291,6 +297,7 @@ class Server:
             "warm": self.warm.is_set(),
             "in_flight": len(self.inflight),
             "tool_calls_parked": self.tools.parked,
+            "threads": self.threads.stats(),
             "frames_in": self.frames_in,
             "frames_out": writer.frames_out,
             "bytes_in": self.bytes_in,
@@ -335,20 +342,24 @@ class Server:
         self.respond.finish(ctx, frame)
 
     async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
-        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel)."""
+        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel,
+        counted against ``--max-threads`` until it returns)."""
         kind = entry.kind
         if kind is Kind.ASYNC:
             return await entry.fn(args, ctx)
         if kind is Kind.SYNC:
-            return await anyio.to_thread.run_sync(_call_sync, entry, args, ctx, abandon_on_cancel=True,
-                                                  limiter=self.limiter)
+            return await self.threads.run_sync(_call_sync, entry, args, ctx)
         if kind is Kind.ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
                 async for item in agen:
                     await ctx.emit(item)
             return None
-        return await anyio.to_thread.run_sync(_drive_generator, entry, args, ctx, abandon_on_cancel=True,
-                                              limiter=self.limiter)
+        return await self.threads.run_sync(_drive_generator, entry, args, ctx)
+
+
+def _unknown_message(command: str, details: dict) -> str:
+    hint = f"; did you mean {details['did_you_mean']!r}?" if "did_you_mean" in details else ""
+    return f"{command} takes no argument {details['argument']!r}{hint} (it takes: {', '.join(details['known']) or 'none'})"
 
 
 def _begin(ctx: Context) -> None:
