@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_subcommand
 def cmd_serve(opts: argparse.Namespace) -> int:
-    from bridge.worker import stdio
+    from bridge.worker import children, stdio
 
     if opts.fds:
         in_fd, out_fd = opts.fds
@@ -59,6 +59,9 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     else:
         in_fd, out_fd = 0, stdio.claim_stdout()
     stdio.setup_logging(opts.log_level)
+    if not children.become_subreaper():
+        print("bridge: not a child subreaper: double-forked descendants may outlive the worker", file=sys.stderr)
+    children.track_spawns()
     # DSPy work runs in threads; a thread wanting the GIL waits up to one switch interval.
     # 1 ms instead of 5 ms keeps the loop (pings, frames) responsive under DSPy load.
     sys.setswitchinterval(0.001)

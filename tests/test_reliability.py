@@ -230,3 +230,44 @@ def test_bad_session_ids_and_ttls_are_bad_requests(w, fields, args):
     with pytest.raises(RemoteError) as info:
         w.call("session.create", args, **{"session_id": new_session_id(), **fields})
     assert info.value.type == "bad_request"
+
+
+# ---- no orphans ------------------------------------------------------------------------------------
+
+def process_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of ``pid``, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    return fields[0], int(fields[1]), fields[19]
+
+
+def ended(pid: int, started: str) -> bool:
+    now = process_stat(pid)
+    return now is None or now[0] == "Z" or now[2] != started  # gone, dead, or its pid reused
+
+
+def test_double_forked_and_thread_spawned_descendants_end_with_the_worker():
+    with spawn() as w:
+        grandchild = w.call("test.double_fork")["grandchild_pid"]
+        state = process_stat(grandchild)
+        assert state is not None and state[0] != "Z"
+        assert state[1] == w.proc.pid  # adopted by the worker, a child subreaper, not by init
+        children = w.call("test.spawn_from_threads", {"n": 3})["pids"]
+        started = {pid: process_stat(pid)[2] for pid in [grandchild, *children]}
+        w.close_input()
+        assert w.wait(10) == 0
+    until(lambda: all(ended(pid, start) for pid, start in started.items()))
+
+
+def test_an_adopted_orphan_that_exits_is_reaped():
+    with spawn() as w:
+        grandchild = w.call("test.double_fork", {"seconds": 0})["grandchild_pid"]
+        until(lambda: process_stat(grandchild) is None)  # no zombie left under the worker
+        assert w.proc.poll() is None
+
+
+def test_reaping_never_takes_the_exit_status_of_a_child_user_code_waits_for(w):
+    assert w.call("test.child_status") == {"returncode": 7}

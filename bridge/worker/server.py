@@ -28,6 +28,7 @@ from bridge.observe.current import REQUEST
 from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
+from bridge.worker import children
 from bridge.worker.context import Context, Shared
 from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
@@ -102,7 +103,7 @@ class Server:
             tg.start_soon(self.writer.run)
             self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
             tg.start_soon(self._watch_signals)
-            tg.start_soon(self._sweep_sessions)
+            tg.start_soon(self._housekeeping)
             tg.start_soon(self._warm_up)
             tg.start_soon(self._watch_broken_pipe)
             tg.start_soon(self.tools.run_timer)
@@ -179,11 +180,14 @@ class Server:
         log.info("output closed by the host: exiting now")
         self._tg.cancel_scope.cancel()
 
-    async def _sweep_sessions(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Once a second: end idle sessions, reap adopted orphan processes (``worker.children``)."""
         while True:
             await anyio.sleep(1.0)
             for sid in self.sessions.sweep():
                 log.info("session %r expired", sid)
+            for pid in children.reap_adopted():
+                log.debug("reaped adopted orphan process %d", pid)
 
     async def _warm_up(self) -> None:
         """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
