@@ -271,3 +271,25 @@ def test_an_adopted_orphan_that_exits_is_reaped():
 
 def test_reaping_never_takes_the_exit_status_of_a_child_user_code_waits_for(w):
     assert w.call("test.child_status") == {"returncode": 7}
+
+
+# ---- throttled logs ----------------------------------------------------------------------------------
+
+def test_stray_rpc_responses_are_logged_at_most_once_a_second_with_a_count(tmp_path):
+    with open(tmp_path / "stderr", "w+") as log, spawn(stderr=log) as w:
+        started = time.monotonic()
+        for i in range(2000):
+            w.send({"type": "rpc_response", "rpc_id": 10_000 + i, "ok": True, "result": None})
+        assert w.call("ping")["pong"]  # every stray answer was read before it
+        elapsed = time.monotonic() - started
+
+        def counted() -> bool:  # one more stray answer, until a line with the count is logged
+            w.send({"type": "rpc_response", "rpc_id": 1, "ok": True})
+            w.call("ping")
+            log.seek(0)
+            return "more like it since the last one logged" in log.read()
+
+        until(counted)
+        log.seek(0)
+        lines = [line for line in log if "ignoring rpc_response" in line]
+        assert len(lines) <= 2 + elapsed + (time.monotonic() - started)

@@ -270,3 +270,23 @@ def test_ttl_churn_keeps_the_deadline_heap_bounded():
     for i in range(10_000):
         store.set_ttl(session, 3600.0 - i * 0.001)  # each an earlier deadline: a new entry
     assert len(store._deadlines) <= 2 * len(store) + 64
+
+
+# ---- throttled logs -------------------------------------------------------------------------------
+
+def test_a_repeated_warning_is_logged_once_a_second_with_a_count(caplog):
+    import logging
+
+    from bridge.observe.logs import Throttled
+
+    now = [100.0]
+    warn = Throttled(logging.getLogger("test.throttle"), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.throttle"):
+        for i in range(500):
+            warn("stray %d", i)
+        now[0] += 0.5
+        warn("stray %d", 500)
+        now[0] += 0.6
+        warn("stray %d", 501)
+    assert [r.getMessage() for r in caplog.records] == [
+        "stray 0", "stray 501 (and 500 more like it since the last one logged)"]
