@@ -293,3 +293,17 @@ def test_stray_rpc_responses_are_logged_at_most_once_a_second_with_a_count(tmp_p
         log.seek(0)
         lines = [line for line in log if "ignoring rpc_response" in line]
         assert len(lines) <= 2 + elapsed + (time.monotonic() - started)
+
+
+# ---- smaller faults ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("condition, position", [
+    ("(" * 1000 + "ok" + ")" * 1000, 64),
+    ("n == " + "9" * 5000, 5),
+])
+def test_an_over_deep_condition_or_a_huge_number_is_a_bad_request_with_its_position(w, condition, position):
+    steps = [{"branch": {"if": condition, "then": []}}]
+    with pytest.raises(RemoteError) as info:
+        w.call("pipeline.create", {"name": "p", "steps": steps}, session_id=new_session_id())
+    assert info.value.type == "bad_request"
+    assert info.value.details == {"path": "0", "position": position}
