@@ -89,8 +89,9 @@ def test_two_streams_interleave(worker):
 
 
 def test_ping_is_answered_while_threads_are_busy(worker):
-    sleepers = [worker.request("sleep", {"seconds": 1.0}) for _ in range(4)]
-    time.sleep(0.05)
+    sleepers = [worker.request("test.sync_gen", {"n": 1, "delay": 1.0}) for _ in range(4)]
+    for s in sleepers:
+        assert next(s.chunks()) == 0  # its thread runs: now blocked for 1 s
     started = time.perf_counter()
     worker.call("ping")
     assert time.perf_counter() - started < 0.1
@@ -111,8 +112,7 @@ def test_cancel_closes_an_async_generator(worker, tmp_path):
     assert exc.value.type == "cancelled"
     assert_well_formed(call)
     assert marker.read_text() == "closed"
-    time.sleep(0.05)
-    assert worker.call("ping")["pong"]  # and nothing for the cancelled id arrived meanwhile
+    assert worker.call("ping")["pong"]  # frames come in order: anything for the cancelled id came before
     assert worker.unrouted.empty()
 
 
@@ -344,7 +344,7 @@ def test_eof_with_output_open_drains_like_a_shell_pipe(worker):
 
 def test_sigterm_is_a_shutdown(worker):
     slow = worker.request("sleep", {"seconds": 0.2})
-    time.sleep(0.05)
+    assert worker.call("ping")["pong"]  # the sleep request, sent before, has been read and dispatched
     worker.proc.send_signal(signal.SIGTERM)
     assert slow.result() == {"slept": 0.2}
     assert worker.wait(5) == 0
@@ -357,8 +357,12 @@ def test_port_close_exits_within_200ms_while_a_thread_is_blocked():
     decoder = framing.Decoder()
     assert decoder.feed(os.read(proc.stdout.fileno(), 65536))[0].body["type"] == "ready"
     proc.stdin.write(framing.encode({"type": "request", "id": 1, "command": "sleep", "args": {"seconds": 30}}))
+    proc.stdin.write(framing.encode({"type": "request", "id": 2, "command": "ping"}))
     proc.stdin.flush()
-    time.sleep(0.1)
+    frames: list = []
+    while not frames:  # the ping's reply: the sleep request, sent before it, has been dispatched
+        frames = decoder.feed(os.read(proc.stdout.fileno(), 65536))
+    assert frames[0].body["id"] == 2
     started = time.perf_counter()
     proc.stdout.close()
     proc.stdin.close()

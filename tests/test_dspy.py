@@ -226,8 +226,7 @@ def test_cancelling_a_stream_stops_the_program_cleanly(w, log, session):
         call.result(timeout=5)
     assert info.value.type == "cancelled"
     assert w.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}},
-                  session_id=session)["outputs"] == {"answer": "after"}
-    time.sleep(0.1)
+                  session_id=session)["outputs"] == {"answer": "after"}  # the program ended, cleanly
     log.seek(0)
     assert "Traceback" not in log.read()
 

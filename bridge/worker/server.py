@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from contextlib import aclosing
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import anyio.lowlevel
@@ -98,16 +98,19 @@ class Server:
         self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self.shared = Shared(self.writer, self.tools, self.sessions, self.threads, anyio.lowlevel.current_token(),
                              self.post, cfg, self.stats)
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self.writer.run)
-            self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
-            tg.start_soon(self._watch_signals)
-            tg.start_soon(self._housekeeping)
-            tg.start_soon(self._warm_up)
-            tg.start_soon(self._watch_broken_pipe)
-            tg.start_soon(self.tools.run_timer)
-            await self._read_loop()
+        # Signals are caught from before ``ready``: a SIGTERM that comes before the watcher
+        # task first runs is a shutdown too, not the default death.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self.writer.run)
+                self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
+                tg.start_soon(self._watch_signals, signals)
+                tg.start_soon(self._housekeeping)
+                tg.start_soon(self._warm_up)
+                tg.start_soon(self._watch_broken_pipe)
+                tg.start_soon(self.tools.run_timer)
+                await self._read_loop()
         return 0
 
     async def _read_loop(self) -> None:
@@ -169,11 +172,10 @@ class Server:
         await anyio.lowlevel.checkpoint()
         self._tg.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal %d: shutting down", signum)
-                self.begin_shutdown()
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("signal %d: shutting down", signum)
+            self.begin_shutdown()
 
     async def _watch_broken_pipe(self) -> None:
         await self.writer.broken.wait()
