@@ -6,6 +6,7 @@ wake-up into a failure instead of a hang.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
@@ -290,3 +291,307 @@ def test_a_repeated_warning_is_logged_once_a_second_with_a_count(caplog):
         warn("stray %d", 501)
     assert [r.getMessage() for r in caplog.records] == [
         "stray 0", "stray 501 (and 500 more like it since the last one logged)"]
+
+
+# ---- ToolBridge, with a fake writer ------------------------------------------------------------------
+
+class Caller:
+    """The request a host call is made for: what ``ToolBridge`` reads and counts."""
+
+    def __init__(self, rid: Any = 1) -> None:
+        self.id, self.closed, self.parked = rid, False, set()
+        self.telemetry, self.tool_calls, self.tool_s = None, 0, 0.0
+
+
+def test_tool_calls_park_until_answered_in_any_order():
+    from bridge.worker.tools import ToolBridge
+
+    async def main() -> None:
+        writer = FakeWriter()
+        tools, caller = ToolBridge(writer, 5000), Caller()
+        answers: dict[int, Any] = {}
+
+        async def call(i: int) -> None:
+            answers[i] = await tools.call(caller, "lookup", [i], {"k": "v"})
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(call, i)
+                requests = [await writer.next_frame(n) for n in (1, 2, 3)]
+                assert tools.parked == 3 and len(caller.parked) == 3
+                for request in reversed(requests):
+                    tools.on_response(protocol.RpcResponse(request["rpc_id"], True, request["args"][0] * 10))
+        assert answers == {0: 0, 1: 10, 2: 20}
+        assert requests[0] == {"type": "rpc_request", "rpc_id": requests[0]["rpc_id"], "id": 1, "tool": "lookup",
+                               "args": [0], "kwargs": {"k": "v"}, "timeout_ms": 5000}
+        assert tools.parked == 0 and caller.parked == set() and caller.tool_calls == 3
+        assert len(writer.frames) == 3  # answered calls send no rpc_cancel
+
+    anyio.run(main)
+
+
+def test_a_tool_call_times_out_fails_at_eof_and_ends_with_its_request():
+    import pytest
+
+    from bridge.wire.errors import RequestClosed, ToolError
+    from bridge.worker.tools import CLOSED, ToolBridge
+
+    async def main() -> None:
+        writer = FakeWriter()
+        tools = ToolBridge(writer, 5000)
+        outcomes: dict[str, str] = {}
+
+        async def call(name: str, caller: Caller, timeout_ms: int | None = None) -> None:
+            try:
+                await tools.call(caller, name, [], {}, timeout_ms)
+            except (TimeoutError, ToolError, RequestClosed) as exc:
+                outcomes[name] = f"{type(exc).__name__}: {exc}"
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tools.run_timer)
+                tg.start_soon(call, "slow", Caller(1), 20)
+                ended = Caller(2)
+                tg.start_soon(call, "ended", ended)
+                await writer.next_frame(2)
+                for slot in tuple(ended.parked):
+                    slot.finish(CLOSED)  # what Context.close does
+                while "slow" not in outcomes:
+                    await writer.next_frame(len(writer.frames) + 1)  # the rpc_cancels
+                tg.start_soon(call, "at_eof", Caller(3))
+                await writer.next_frame(len(writer.frames) + 1)
+                tools.input_closed()
+                while len(outcomes) < 3:
+                    await writer.next_frame(len(writer.frames) + 1)
+                tg.cancel_scope.cancel()
+        assert outcomes["slow"] == "TimeoutError: tool 'slow' did not answer within 20 ms"
+        assert outcomes["ended"].startswith("RequestClosed")
+        assert outcomes["at_eof"].startswith("ToolError: host_closed")
+        cancels = [f["rpc_id"] for f in writer.frames if f["type"] == "rpc_cancel"]
+        assert sorted(cancels) == sorted(f["rpc_id"] for f in writer.frames if f["type"] == "rpc_request")
+        with pytest.raises(ToolError):  # after EOF no call can be answered
+            await tools.call(Caller(4), "late", [], {})
+
+    anyio.run(main)
+
+
+# ---- FrameWriter and Server, over in-process pipes ------------------------------------------------------
+
+class Pipes:
+    """The worker's two pipes, held by the test as its host: ``send`` frames in, ``frame`` reads one out."""
+
+    def __init__(self) -> None:
+        import collections
+
+        from bridge.wire import framing
+
+        self.in_r, self.in_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        self.decoder = framing.Decoder()
+        self.pending: collections.deque[dict] = collections.deque()
+
+    def send(self, frame: dict) -> None:
+        from bridge.wire import framing
+
+        os.write(self.in_w, framing.encode(frame))
+
+    async def frame(self) -> dict:
+        while not self.pending:
+            await anyio.wait_readable(self.out_r)
+            self.pending.extend(event.body for event in self.decoder.feed(os.read(self.out_r, 1 << 20)))
+        return self.pending.popleft()
+
+    def close_input(self) -> None:
+        if self.in_w >= 0:
+            os.close(self.in_w)
+            self.in_w = -1
+
+    def close(self) -> None:
+        self.close_input()
+        for fd in (self.in_r, self.out_r, self.out_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def test_the_writer_coalesces_and_a_full_pipe_pushes_back_on_producers():
+    from bridge.worker.transport import FrameWriter
+
+    async def main() -> None:
+        pipes = Pipes()
+        os.set_blocking(pipes.out_w, False)
+        writer = FrameWriter(pipes.out_w, high_water=64 * 1024)
+        try:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(writer.run)
+                    for i in range(3):
+                        writer.send({"type": "chunk", "id": 1, "seq": i, "data": i})
+                    assert [(await pipes.frame())["seq"] for _ in range(3)] == [0, 1, 2]
+                    big = bytes(32 * 1024)
+                    while not writer.congested:  # the pipe (64 KiB) fills, then the buffer past high water
+                        writer.send({"type": "chunk", "id": 1, "seq": 0, "data": big})
+                    drained = anyio.Event()
+
+                    async def producer() -> None:
+                        await writer.wait_drained()
+                        drained.set()
+
+                    tg.start_soon(producer)
+                    await anyio.lowlevel.checkpoint()
+                    assert not drained.is_set()  # the host is not reading: the producer waits
+                    while not drained.is_set():  # the host reads: the producer goes on
+                        await pipes.frame()
+                    tg.cancel_scope.cancel()
+        finally:
+            pipes.close()
+
+    anyio.run(main)
+
+
+def test_a_closed_pipe_breaks_the_writer_and_later_frames_are_dropped():
+    from bridge.worker.transport import FrameWriter
+
+    async def main() -> None:
+        pipes = Pipes()
+        os.set_blocking(pipes.out_w, False)
+        writer = FrameWriter(pipes.out_w)
+        os.close(pipes.out_r)
+        try:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(writer.run)
+                    writer.send({"type": "chunk", "id": 1, "seq": 0, "data": bytes(1024)})
+                    await writer.broken.wait()
+                    assert writer.dead
+                    before = writer.frames_out
+                    writer.send({"type": "chunk", "id": 1, "seq": 1, "data": 1})
+                    assert writer.frames_out == before
+        finally:
+            pipes.close()
+
+    anyio.run(main)
+
+
+def serving(registry_setup, scenario) -> int:
+    """Run a ``Server`` over in-process pipes with the handlers ``registry_setup(registry)`` adds;
+    ``scenario(pipes, server)`` plays the host; returns what ``serve`` returned."""
+    from bridge.worker.registry import Registry
+    from bridge.worker.server import Server
+
+    async def main() -> int:
+        pipes, registry = Pipes(), Registry()
+        registry_setup(registry)
+        server = Server(Config(in_fd=pipes.in_r, out_fd=pipes.out_w), registry)
+        code: list[int] = []
+
+        async def serve() -> None:
+            code.append(await server.serve())
+
+        try:
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(serve)
+                    ready = await pipes.frame()
+                    assert ready["type"] == "ready" and ready["commands"] == registry.names()
+                    await scenario(pipes, server)
+                    pipes.close_input()  # EOF with the output open: drain, then serve returns
+        finally:
+            server.threads.close()
+            pipes.close()
+        return code[0]
+
+    return anyio.run(main)
+
+
+def _handlers(registry) -> None:
+    def ping(args: dict, ctx: Context) -> dict:
+        return {"pong": True}
+
+    async def emit(args: dict, ctx: Context) -> dict:
+        for i in range(args["n"]):
+            await ctx.emit(i)
+        return {"emitted": args["n"]}
+
+    async def ask(args: dict, ctx: Context) -> Any:
+        return await ctx.call_tool("t", args.get("q"))
+
+    registry.add("ping", ping, inline=True, args=())
+    registry.add("emit", emit, args=("n",))
+    registry.add("ask", ask, args=("q",))
+
+
+def test_the_server_dispatches_refuses_and_answers_in_order():
+    async def scenario(pipes: Pipes, server: Any) -> None:
+        pipes.send({"type": "request", "id": 1, "command": "ping"})
+        assert (await pipes.frame())["data"] == {"pong": True}
+        pipes.send({"type": "request", "id": 2, "command": "ping", "args": {"pnig": 1}})
+        error = (await pipes.frame())["error"]
+        assert error["type"] == "bad_request" and error["details"] == {"argument": "pnig", "known": []}
+        pipes.send({"type": "request", "id": 3, "command": "nope"})
+        assert (await pipes.frame())["error"]["type"] == "unknown_command"
+        pipes.send({"type": "cancel", "id": True})
+        frame = await pipes.frame()
+        assert frame["id"] is None and frame["error"]["type"] == "bad_frame"
+
+    assert serving(_handlers, scenario) == 0
+
+
+def test_the_server_holds_chunks_to_the_window_until_credit_comes():
+    async def scenario(pipes: Pipes, server: Any) -> None:
+        pipes.send({"type": "request", "id": "s", "command": "emit", "args": {"n": 3}, "window": 1})
+        assert (await pipes.frame())["seq"] == 0
+        pipes.send({"type": "request", "id": "p", "command": "ping"})
+        assert (await pipes.frame())["id"] == "p"  # and nothing of "s" before it: no credit yet
+        pipes.send({"type": "credit", "id": "s", "n": 2})
+        assert [(await pipes.frame()).get("seq") for _ in range(3)] == [1, 2, None]
+        assert not pipes.pending
+
+    assert serving(_handlers, scenario) == 0
+
+
+def test_the_server_routes_tool_answers_and_a_cancel_ends_a_parked_call():
+    async def scenario(pipes: Pipes, server: Any) -> None:
+        pipes.send({"type": "request", "id": 1, "command": "ask", "args": {"q": "a"}})
+        request = await pipes.frame()
+        assert request["type"] == "rpc_request" and request["id"] == 1 and request["args"] == ["a"]
+        pipes.send({"type": "rpc_response", "rpc_id": request["rpc_id"], "ok": True, "result": "A"})
+        result = await pipes.frame()
+        assert (result["type"], result["id"], result["data"]) == ("result", 1, "A")
+        pipes.send({"type": "request", "id": 2, "command": "ask", "args": {"q": "b"}})
+        parked = await pipes.frame()
+        pipes.send({"type": "cancel", "id": 2})
+        assert await pipes.frame() == {"type": "rpc_cancel", "rpc_id": parked["rpc_id"]}
+        error = await pipes.frame()
+        assert error["id"] == 2 and error["error"]["type"] == "cancelled"
+        assert server.inflight == {} and server.tools.parked == 0
+
+    assert serving(_handlers, scenario) == 0
+
+
+def test_eof_lets_the_request_in_flight_finish_before_serve_returns():
+    import threading
+
+    release = threading.Event()
+
+    def setup(registry) -> None:
+        def blocking(args: dict, ctx: Context) -> str:
+            release.wait(5)
+            return "done"
+
+        registry.add("blocking", blocking, args=())
+
+    async def scenario(pipes: Pipes, server: Any) -> None:
+        pipes.send({"type": "request", "id": 1, "command": "blocking"})
+        while 1 not in server.inflight:
+            await anyio.lowlevel.checkpoint()
+        pipes.close_input()
+        while not server.shutting_down:
+            await anyio.lowlevel.checkpoint()
+        release.set()
+        frame = await pipes.frame()
+        assert frame["id"] == 1 and frame["data"] == "done"
+
+    assert serving(setup, scenario) == 0
