@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.programs.program import Program, build_program
+from bridge.programs.program import PROGRAM_ARGS, Program, build_program
 from bridge.programs.runner import bad_request, concurrency, new_ref, session_lm, stored
+from bridge.wire.errors import ErrorType, PeerError
 from bridge.worker.context import Context
-from bridge.worker.registry import handler
+from bridge.worker.registry import handler, unknown_argument_details
 
 
 def program_arg(ctx: Context, spec: Any) -> Program:
     """``program``: a ref, or ``{module, signature, instructions?, config?, tools?}`` built for this request."""
     if isinstance(spec, dict):
+        unknown = next((key for key in spec if key not in PROGRAM_ARGS), None)
+        if unknown is not None:
+            details = unknown_argument_details(unknown, PROGRAM_ARGS)
+            raise PeerError(ErrorType.BAD_REQUEST, f"'program' takes no key {unknown!r}", {"in": "program", **details})
         return build_program(spec)
     if isinstance(spec, str):
         return stored(ctx, spec)
