@@ -6,6 +6,8 @@ import os
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bridge import RemoteError
 from tests.conftest import new_session_id, spawn
@@ -307,3 +309,37 @@ def test_an_over_deep_condition_or_a_huge_number_is_a_bad_request_with_its_posit
         w.call("pipeline.create", {"name": "p", "steps": steps}, session_id=new_session_id())
     assert info.value.type == "bad_request"
     assert info.value.details == {"path": "0", "position": position}
+
+
+# ---- the protocol boundary, through the process ------------------------------------------------------
+
+ids = st.one_of(st.booleans(), st.none(), st.floats(allow_nan=False), st.integers(min_value=-2**63, max_value=2**64 - 1),
+                st.text(max_size=300), st.binary(max_size=8), st.lists(st.integers(), max_size=2))
+
+
+@pytest.fixture(scope="module")
+def parked_host():
+    """A worker with one call parked as request 1, rpc_id 1: stray ids must leave it alone."""
+    with spawn() as worker:
+        worker.call("ping")  # takes the client's id 1; the host pings that follow take 2, 3, ...
+        call = worker.request("test.tool", {"tool": "t"}, id=1)
+        assert worker.rpc_requests.get(timeout=5)["rpc_id"] == 1
+        yield worker, call
+        worker.respond(1, "still parked")
+        assert call.result() == "still parked"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["cancel", "credit", "rpc_response"]), ids)
+def test_any_id_in_cancel_credit_or_rpc_response_is_answered_or_ignored_never_misrouted(parked_host, kind, rid):
+    w, call = parked_host
+    frame = {"type": kind, "n": 1, "ok": True, "result": "stray"}
+    frame["rpc_id" if kind == "rpc_response" else "id"] = rid
+    if type(rid) is int and rid == 1:  # the real id: that would be a real cancel or answer
+        frame["rpc_id" if kind == "rpc_response" else "id"] = 10**12
+    w.send(frame)
+    assert w.call("ping")["pong"]
+    while not w.unrouted.empty():
+        error = w.unrouted.get()
+        assert error["id"] is None and error["error"]["type"] == "bad_frame"
+    assert call.terminal is None and call._queue.empty()  # request 1 is untouched

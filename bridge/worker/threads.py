@@ -62,7 +62,7 @@ class Threads:
     async def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in a worker thread and return its result; ``overloaded`` when
         ``max_queue`` calls already wait for a thread."""
-        if self.queued >= self.max_queue and self._pending >= self.limit:
+        if self._pending >= self.limit + self.max_queue:
             raise PeerError(ErrorType.OVERLOADED,
                             f"{self.limit} worker threads are busy and {self.queued} calls wait for one "
                             "(--max-threads, --max-thread-queue)",
