@@ -1,11 +1,13 @@
 """The worker's event loop: read frames and dispatch them; terminal frames go through ``respond``.
 
 One anyio task group owns everything: the reader (this module), the writer
-task, the signal watcher, the session sweeper, warm-ups, and one task per
-non-inline request.  Requests are cancelled through their own cancel scopes;
-the reader never blocks on a handler.  A sync handler runs in a worker thread,
-which a cancel or timeout abandons: the request ends at once, and the thread
-runs on until the handler returns (it can poll ``ctx.cancelled``).
+task, the signal watcher, housekeeping (the session sweep, reaping adopted
+orphans), warm-ups, and one task per non-inline request.  Requests are
+cancelled through their own cancel scopes; the reader never blocks on a
+handler.  A sync handler runs in a worker thread (``worker.threads``), which a
+cancel or timeout abandons: the request ends at once, and the thread runs on
+until the handler returns (it can poll ``ctx.cancelled``), still counted
+against ``--max-threads``.
 """
 
 from __future__ import annotations
