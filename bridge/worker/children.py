@@ -76,12 +76,16 @@ def reap_adopted() -> list[int]:
     global passes
     if not _tracking:
         return []
-    passes += 1
-    reaped = []
-    with _lock:
+    if not _lock.acquire(blocking=False):
+        return []  # a spawn is under way (a fork can take milliseconds): the loop does not wait, next pass
+    try:
+        passes += 1
         children = set(children_of(os.getpid()))
         _created.intersection_update(children)  # the rest were reaped by whoever created them
         adopted = children - _created
+    finally:
+        _lock.release()
+    reaped = []
     for pid in adopted:
         if _state(pid) == "Z":
             try:
