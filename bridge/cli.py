@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 @_subcommand
 def cmd_serve(opts: argparse.Namespace) -> int:
     from bridge.wire import redact
-    from bridge.worker import stdio
+    from bridge.worker import children, stdio
 
     redact.learn_environment(os.environ)
     if opts.fds:
@@ -75,6 +75,9 @@ def cmd_serve(opts: argparse.Namespace) -> int:
         print(TTY_NOTE, file=sys.stderr)
     if opts.handlers and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # --handlers my_module finds ./my_module.py, as with python -m
+    if not children.become_subreaper():
+        print("bridge: not a child subreaper: double-forked descendants may outlive the worker", file=sys.stderr)
+    children.track_spawns()
     # DSPy work runs in threads; a thread wanting the GIL waits up to one switch interval.
     # 1 ms instead of 5 ms keeps the loop (pings, frames) responsive under DSPy load.
     sys.setswitchinterval(0.001)

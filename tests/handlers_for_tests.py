@@ -130,3 +130,60 @@ def inline_unserializable(args: dict, ctx) -> object:
 @handler("test.inline_raise", inline=True)
 def inline_raise(args: dict, ctx) -> None:
     raise ValueError("inline boom")
+
+
+@handler("test.declared", inline=True, args=("alpha", "beta"))
+def declared(args: dict, ctx) -> dict:
+    """A user handler that declares its arguments: others are refused before it runs."""
+    return args
+
+
+@handler("test.double_fork")
+def double_fork(args: dict, ctx) -> dict:
+    """Starts a grandchild through a child that exits at once (a daemon's double fork); its pid.
+    The grandchild sleeps ``seconds`` (default 60), then exits."""
+    import subprocess
+
+    code = ("import subprocess, sys; "
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep({args.get('seconds', 60)})'], "
+            "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+            "print(p.pid)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"grandchild_pid": int(out.stdout)}
+
+
+@handler("test.child_status")
+def child_status(args: dict, ctx) -> dict:
+    """Starts ``sh -c 'exit 7'``, lets it sit as a zombie through two of the worker's reap passes,
+    then waits for it: the exit status must still be there."""
+    import subprocess
+
+    from bridge.worker import children
+
+    proc = subprocess.Popen(["sh", "-c", "exit 7"])
+    while children._state(proc.pid) != "Z":
+        time.sleep(0.005)
+    passes = children.passes
+    while children.passes < passes + 2:
+        time.sleep(0.01)
+    return {"returncode": proc.wait()}
+
+
+@handler("test.spawn_from_threads")
+def spawn_from_threads(args: dict, ctx) -> dict:
+    """Starts one long-lived child from each of ``n`` short-lived threads (their children move to
+    other threads of the worker when they end); the child pids."""
+    import subprocess
+    import threading
+
+    pids: list[int] = []
+
+    def spawn() -> None:
+        pids.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]).pid)
+
+    threads = [threading.Thread(target=spawn) for _ in range(args.get("n", 3))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"pids": pids}

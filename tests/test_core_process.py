@@ -89,8 +89,9 @@ def test_two_streams_interleave(worker):
 
 
 def test_ping_is_answered_while_threads_are_busy(worker):
-    sleepers = [worker.request("sleep", {"seconds": 1.0}) for _ in range(4)]
-    time.sleep(0.05)
+    sleepers = [worker.request("test.sync_gen", {"n": 1, "delay": 1.0}) for _ in range(4)]
+    for s in sleepers:
+        assert next(s.chunks()) == 0  # its thread runs: now blocked for 1 s
     started = time.perf_counter()
     worker.call("ping")
     assert time.perf_counter() - started < 0.1
@@ -111,8 +112,7 @@ def test_cancel_closes_an_async_generator(worker, tmp_path):
     assert exc.value.type == "cancelled"
     assert_well_formed(call)
     assert marker.read_text() == "closed"
-    time.sleep(0.05)
-    assert worker.call("ping")["pong"]  # and nothing for the cancelled id arrived meanwhile
+    assert worker.call("ping")["pong"]  # frames come in order: anything for the cancelled id came before
     assert worker.unrouted.empty()
 
 
@@ -173,10 +173,32 @@ def test_cancel_for_unknown_or_finished_ids_is_ignored(worker):
     call.result()
     call.cancel()
     worker.send({"type": "cancel", "id": "never"})
-    worker.send({"type": "cancel", "id": [1]})
     worker.send({"type": "credit", "id": "never", "n": 1})
     assert worker.call("ping")["pong"]
     assert worker.unrouted.empty()
+
+
+@pytest.mark.parametrize("frame, field", [
+    ({"type": "cancel", "id": True}, "id"),
+    ({"type": "cancel", "id": [1]}, "id"),
+    ({"type": "credit", "id": 1.0, "n": 1}, "id"),
+    ({"type": "credit", "id": "x" * 257, "n": 1}, "id"),
+    ({"type": "rpc_response", "rpc_id": True, "ok": True, "result": 1}, "rpc_id"),
+    ({"type": "rpc_response", "rpc_id": None, "ok": True}, "rpc_id"),
+])
+def test_bad_ids_in_cancel_credit_and_rpc_response_are_bad_frames(frame, field):
+    """A bool is no id: ``cancel`` with ``id: true`` must not cancel request 1, nor ``rpc_id: true``
+    answer parked call 1."""
+    with spawn() as w:
+        one = w.request("test.tool", {"tool": "t"}, id=1)
+        parked = w.rpc_requests.get(timeout=5)
+        assert parked["rpc_id"] == 1
+        w.send(frame)
+        error = unrouted(w)
+        assert error["id"] is None and error["error"]["type"] == "bad_frame"
+        assert error["error"]["details"]["field"] == field
+        w.respond(1, "answered")
+        assert one.result() == "answered"
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -322,7 +344,7 @@ def test_eof_with_output_open_drains_like_a_shell_pipe(worker):
 
 def test_sigterm_is_a_shutdown(worker):
     slow = worker.request("sleep", {"seconds": 0.2})
-    time.sleep(0.05)
+    assert worker.call("ping")["pong"]  # the sleep request, sent before, has been read and dispatched
     worker.proc.send_signal(signal.SIGTERM)
     assert slow.result() == {"slept": 0.2}
     assert worker.wait(5) == 0
@@ -335,8 +357,12 @@ def test_port_close_exits_within_200ms_while_a_thread_is_blocked():
     decoder = framing.Decoder()
     assert decoder.feed(os.read(proc.stdout.fileno(), 65536))[0].body["type"] == "ready"
     proc.stdin.write(framing.encode({"type": "request", "id": 1, "command": "sleep", "args": {"seconds": 30}}))
+    proc.stdin.write(framing.encode({"type": "request", "id": 2, "command": "ping"}))
     proc.stdin.flush()
-    time.sleep(0.1)
+    frames: list = []
+    while not frames:  # the ping's reply: the sleep request, sent before it, has been dispatched
+        frames = decoder.feed(os.read(proc.stdout.fileno(), 65536))
+    assert frames[0].body["id"] == 2
     started = time.perf_counter()
     proc.stdout.close()
     proc.stdin.close()

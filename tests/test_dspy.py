@@ -227,8 +227,7 @@ def test_cancelling_a_stream_stops_the_program_cleanly(w, log, session):
         call.result(timeout=5)
     assert info.value.type == "cancelled"
     assert w.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}},
-                  session_id=session)["outputs"] == {"answer": "after"}
-    time.sleep(0.1)
+                  session_id=session)["outputs"] == {"answer": "after"}  # the program ended, cleanly
     log.seek(0)
     assert "Traceback" not in log.read()
 
@@ -296,7 +295,9 @@ def test_programs_are_called_by_ref_within_their_session(w, session):
 def test_closing_a_session_releases_its_refs(w, session):
     ref = w.call("program.create", {"module": "Predict", "signature": QA}, session_id=session)["ref"]
     assert w.call("session.close", {}, session_id=session) == {"closed": True}
-    assert error_of(w, "program.save", {"ref": ref}, session_id=session).type == "unknown_ref"
+    closed = error_of(w, "program.save", {"ref": ref}, session_id=session)
+    assert closed.type == "unknown_session" and closed.details == {"session_id": session, "reason": "closed"}
+    assert error_of(w, "program.save", {"ref": ref}, session_id=session).type == "unknown_ref"  # a fresh session
     assert error_of(w, "session.close", {}, session_id="never-opened").type == "unknown_session"
 
 
@@ -304,8 +305,10 @@ def test_an_idle_session_expires_after_its_ttl(w, session):
     assert w.call("session.create", {"ttl_s": 0.5}, session_id=session) == {"session_id": session, "ttl_s": 0.5}
     ref = w.call("program.create", {"module": "Predict", "signature": QA}, session_id=session)["ref"]
     assert "state" in w.call("program.save", {"ref": ref}, session_id=session)
-    time.sleep(2.0)  # the sweep runs every second: expired within 1.5 s of the last use
-    assert error_of(w, "program.save", {"ref": ref}, session_id=session).type == "unknown_ref"
+    time.sleep(2.0)  # the TTL passes; the sweep runs every second: expired within 1.5 s of the last use
+    expired = error_of(w, "program.save", {"ref": ref}, session_id=session)
+    assert expired.type == "unknown_session" and expired.details == {"session_id": session, "reason": "expired"}
+    assert error_of(w, "program.save", {"ref": ref}, session_id=session).type == "unknown_ref"  # a fresh session
 
 
 def test_a_saved_program_loads_in_a_fresh_worker(w, session):

@@ -105,3 +105,22 @@ def test_nothing_reaches_python_eval():
     for source in ("__import__('os')", "label.__class__", "ok()", "1 + 1", "lambda: 0"):
         with pytest.raises(ExpressionError):
             parse(source)(FIELDS)
+
+
+@pytest.mark.parametrize("source, position, words", [
+    ("(" * 1000 + "ok" + ")" * 1000, 64, "nested more than 64 levels"),
+    ("not " * 1000 + "ok", 64 * 4, "nested more than 64 levels"),
+    ("n in " + "[" * 100 + "]" * 100, 5 + 64, "nested more than 64 levels"),
+    ("n == " + "9" * 5000, 5, "number of 5000 characters is too long"),
+    ("score < 1e400", 8, "too large for a float"),
+])
+def test_over_deep_expressions_and_huge_numbers_are_errors_with_a_position(source, position, words):
+    with pytest.raises(ExpressionError) as info:
+        parse(source)
+    assert info.value.position == position and words in str(info.value)
+
+
+def test_long_chains_parse_and_evaluate_without_recursion():
+    assert parse(" and ".join(["ok"] * 20_000))(FIELDS) is True
+    assert parse(" or ".join(["empty"] * 20_000 + ["ok"]))(FIELDS) is True
+    assert parse("(" * 64 + "ok" + ")" * 64)(FIELDS) is True  # the deepest allowed

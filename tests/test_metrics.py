@@ -213,7 +213,8 @@ def pipelined(w, n: int, command: str = "echo") -> list:
     calls = [Call(w, f"p{i}") for i in range(n)]
     for call in calls:
         w._calls[call.id] = call
-    w.send_raw(b"".join(framing.encode({"type": "request", "id": c.id, "command": command, "args": {"i": i}})
+    args = (lambda i: {"i": i}) if command == "echo" else (lambda i: {})  # only echo takes any argument
+    w.send_raw(b"".join(framing.encode({"type": "request", "id": c.id, "command": command, "args": args(i)})
                         for i, c in enumerate(calls)))
     for call in calls:
         call.result()

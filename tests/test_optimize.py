@@ -176,6 +176,8 @@ def test_mipro_v2_proposes_and_evaluates_offline(w):
     ({"optimizer": "BootstrapFewShot", "params": {"metric": "x"}}, "takes no params ['metric']"),
     ({"optimizer": "BootstrapFewShot", "program": {"module": "ReAct", "signature": "q -> a",
                                                    "tools": [{"name": "t"}]}}, "ReAct"),
+    ({"optimizer": "BootstrapFewShot", "program": {"signature": "question -> answer", "modul": "Predict"}},
+     "'program' takes no key 'modul'"),
 ])
 def test_bad_optimizations_are_refused(w, session, args, words):
     err = error_of(w, session, "dspy.optimize",

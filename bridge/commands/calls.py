@@ -11,7 +11,6 @@ import inspect
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
-import anyio
 
 from bridge.programs import allowlist
 from bridge.programs.calls import check_name, encode, keeper, resolve_args, resolve_target
@@ -27,7 +26,7 @@ def lm_context(lm: Any) -> ContextManager[Any]:
     return dspy.context(lm=lm) if lm is not None else nullcontext()
 
 
-@handler("call", needs_dspy=True)
+@handler("call", needs_dspy=True, args=("target", "args", "kwargs", "store_as"))
 async def call(args: dict, ctx: Context) -> Any:
     """Call ``target`` with ``args``/``kwargs`` (refs resolved); the result as data or as a ref."""
     positional, keywords = args.get("args", []), args.get("kwargs", {})
@@ -46,17 +45,15 @@ async def call(args: dict, ctx: Context) -> Any:
             return fn(*positional, **keywords)
 
     with reported():
-        result = await anyio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=ctx.shared.threads)
+        result = await ctx.shared.threads.run_sync(work)
         if inspect.isawaitable(result):  # an async method such as acall: awaited on the loop
             with lm_context(lm):
                 result = await result
     return keeper(ctx, policy, name)(result) if name else encode(result, keeper(ctx, policy))
 
 
-@handler("release", inline=True)
+@handler("release", inline=True, args=("ref",))
 def release(args: dict, ctx: Context) -> dict[str, bool]:
     """Free one ref of the request's session; ``unknown_ref`` if it holds none by that id."""
-    session = ctx.session
-    session.get(args.get("ref"))
-    del session.objects[args["ref"]]
+    ctx.shared.sessions.release(ctx.session, args.get("ref"))
     return {"released": True}

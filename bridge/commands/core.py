@@ -10,7 +10,7 @@ from bridge.worker.context import Context
 from bridge.worker.registry import handler
 
 
-@handler("ping", inline=True)
+@handler("ping", inline=True, args=())
 def ping(args: dict, ctx: Context) -> dict:
     return {"pong": True, "time": time.time()}
 
@@ -20,7 +20,7 @@ def echo(args: dict, ctx: Context) -> dict:
     return args
 
 
-@handler("stats", inline=True)
+@handler("stats", inline=True, args=())
 def stats(args: dict, ctx: Context) -> dict[str, Any]:
     """The worker's counters and histograms; every request answered before it is counted."""
     return {**ctx.shared.stats(), "allow": allowlist.of(ctx.shared.config).describe()}  # what call and paths reach

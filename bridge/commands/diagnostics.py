@@ -13,7 +13,7 @@ from bridge.worker.context import Context
 from bridge.worker.registry import handler
 
 
-@handler("stream_count")
+@handler("stream_count", args=("n", "size"))
 async def stream_count(args: dict, ctx: Context) -> AsyncIterator[Any]:
     """Stream ``n`` chunks: the seq int, or ``size`` bytes when given."""
     n = int_arg(args, "n")
@@ -26,7 +26,7 @@ async def stream_count(args: dict, ctx: Context) -> AsyncIterator[Any]:
             yield i
 
 
-@handler("sleep")
+@handler("sleep", args=("seconds",))
 def sleep(args: dict, ctx: Context) -> dict:
     """Block a worker thread for ``seconds`` (uncooperatively, like a long DSPy call)."""
     seconds = args.get("seconds", 0)
@@ -36,7 +36,7 @@ def sleep(args: dict, ctx: Context) -> dict:
     return {"slept": seconds}
 
 
-@handler("rpc_loop")
+@handler("rpc_loop", args=("n", "concurrency", "tool"))
 async def rpc_loop(args: dict, ctx: Context) -> dict:
     """Make ``n`` host calls of ``tool`` with ``args: [i]``, at most ``concurrency`` parked at once."""
     n = int_arg(args, "n")

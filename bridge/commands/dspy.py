@@ -8,12 +8,13 @@ is in ``bridge.programs.runner``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import anyio
 
 from bridge.lm.engines import build_lm
-from bridge.programs.program import build_program, load_program, outputs
+from bridge.programs.program import PROGRAM_ARGS, build_program, load_program, outputs
 from bridge.programs.runner import bad_request, concurrency, dspy_error, in_thread, new_ref, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
 from bridge.wire.protocol import quote
@@ -36,7 +37,7 @@ def warm_up() -> None:
 
 # ---- language models ----------------------------------------------------------------
 
-@handler("lm.configure", needs_dspy=True)
+@handler("lm.configure", needs_dspy=True, opens_session=True)  # provider options: an open set (args free-form)
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
     """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines).
 
@@ -100,14 +101,14 @@ def price_option(price: Any) -> tuple[float, float]:
 
 # ---- one-shot programs -------------------------------------------------------------------
 
-@handler("dspy.predict", needs_dspy=True)
+@handler("dspy.predict", needs_dspy=True, args=(*PROGRAM_ARGS, "inputs"))
 async def predict(args: dict, ctx: Context) -> dict[str, Any]:
     with bad_request():
         program = build_program(args)
     return await run(program, args.get("inputs"), ctx, stream=False)
 
 
-@handler("dspy.stream", needs_dspy=True)
+@handler("dspy.stream", needs_dspy=True, args=(*PROGRAM_ARGS, "inputs", "fields", "format"))
 async def stream(args: dict, ctx: Context) -> dict[str, Any]:
     """``format: "openai"`` sends the tokens as OpenAI ``chat.completion.chunk`` objects, then a stop chunk."""
     from bridge.programs.streaming import FORMATS, OpenAIChunks, Relay
@@ -125,7 +126,7 @@ async def stream(args: dict, ctx: Context) -> dict[str, Any]:
     return result
 
 
-@handler("dspy.batch", needs_dspy=True)
+@handler("dspy.batch", needs_dspy=True, args=(*PROGRAM_ARGS, "items", "concurrency"))
 async def batch(args: dict, ctx: Context) -> dict[str, int]:
     """Run ``items`` with bounded concurrency; one chunk per item as it finishes."""
     with bad_request():
@@ -153,18 +154,18 @@ async def batch(args: dict, ctx: Context) -> dict[str, int]:
 
 # ---- sessions ----------------------------------------------------------------------------
 
-@handler("session.create", inline=True)
+@handler("session.create", inline=True, args=("ttl_s",), opens_session=True)
 def session_create(args: dict, ctx: Context) -> dict[str, Any]:
     """Create (or touch) the request's session; ``ttl_s`` sets how long it may sit idle."""
     ttl = args.get("ttl_s")
-    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
-        raise PeerError(ErrorType.BAD_REQUEST, "'ttl_s' must be a number > 0")
+    if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl < math.inf):
+        raise PeerError(ErrorType.BAD_REQUEST, "'ttl_s' must be a finite number > 0")
     session = ctx.session
-    session.ttl_s = ttl
+    ctx.shared.sessions.set_ttl(session, ttl)
     return {"session_id": session.id, "ttl_s": ttl}
 
 
-@handler("session.close", inline=True)
+@handler("session.close", inline=True, args=())
 def session_close(args: dict, ctx: Context) -> dict[str, Any]:
     """Release the request's session: its LM and every ref it holds."""
     ctx.shared.sessions.close(ctx.session_id)
@@ -173,13 +174,14 @@ def session_close(args: dict, ctx: Context) -> dict[str, Any]:
 
 # ---- programs by reference -------------------------------------------------------------------
 
-@handler("program.create", needs_dspy=True)
+@handler("program.create", needs_dspy=True, args=PROGRAM_ARGS)
 async def program_create(args: dict, ctx: Context) -> dict[str, str]:
     with bad_request():
         return new_ref(ctx, build_program(args, module_default=None))
 
 
-@handler("dspy.react", needs_dspy=True)
+@handler("dspy.react", needs_dspy=True,
+         args=(*(a for a in PROGRAM_ARGS if a != "module"), "inputs", "stream", "fields"))
 async def react(args: dict, ctx: Context) -> dict[str, Any]:
     """ReAct with tools that live on the host; thought, tool_call and observation chunks per step."""
     with bad_request():
@@ -187,7 +189,7 @@ async def react(args: dict, ctx: Context) -> dict[str, Any]:
     return await run(program, args.get("inputs"), ctx, stream=bool(args.get("stream")), fields=args.get("fields"))
 
 
-@handler("program.call", needs_dspy=True)
+@handler("program.call", needs_dspy=True, args=("ref", "inputs", "tools", "stream", "fields"))
 async def program_call(args: dict, ctx: Context) -> dict[str, Any]:
     """Call a stored program; a ReAct program may be given other host ``tools`` for this call."""
     program = stored(ctx, args.get("ref"))
@@ -197,12 +199,12 @@ async def program_call(args: dict, ctx: Context) -> dict[str, Any]:
     return await run(program, args.get("inputs"), ctx, stream=bool(args.get("stream")), fields=args.get("fields"))
 
 
-@handler("program.save", needs_dspy=True)
+@handler("program.save", needs_dspy=True, args=("ref",))
 async def program_save(args: dict, ctx: Context) -> dict[str, Any]:
     return {"state": stored(ctx, args.get("ref")).state()}
 
 
-@handler("program.load", needs_dspy=True)
+@handler("program.load", needs_dspy=True, args=(*PROGRAM_ARGS, "state"), opens_session=True)
 async def program_load(args: dict, ctx: Context) -> dict[str, str]:
     with bad_request():
         return new_ref(ctx, load_program(args))

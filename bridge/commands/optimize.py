@@ -8,22 +8,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.programs.program import Program, build_program
+from bridge.programs.program import PROGRAM_ARGS, Program, build_program
 from bridge.programs.runner import bad_request, concurrency, new_ref, session_lm, stored
+from bridge.wire.errors import ErrorType, PeerError
 from bridge.worker.context import Context
-from bridge.worker.registry import handler
+from bridge.worker.registry import handler, unknown_argument_details
 
 
 def program_arg(ctx: Context, spec: Any) -> Program:
     """``program``: a ref, or ``{module, signature, instructions?, config?, tools?}`` built for this request."""
     if isinstance(spec, dict):
+        unknown = next((key for key in spec if key not in PROGRAM_ARGS), None)
+        if unknown is not None:
+            details = unknown_argument_details(unknown, PROGRAM_ARGS)
+            raise PeerError(ErrorType.BAD_REQUEST, f"'program' takes no key {unknown!r}", {"in": "program", **details})
         return build_program(spec)
     if isinstance(spec, str):
         return stored(ctx, spec)
     raise ValueError("'program' must be a ref or {module, signature}")
 
 
-@handler("dspy.evaluate", needs_dspy=True)
+@handler("dspy.evaluate", needs_dspy=True, args=("program", "metric", "devset", "concurrency"))
 async def evaluate(args: dict, ctx: Context) -> dict[str, Any]:
     """Score ``program`` on ``devset``: one ``example`` chunk per item as it finishes; the mean score."""
     from bridge.programs.optimize import Metric, check_items, evaluate
@@ -37,7 +42,8 @@ async def evaluate(args: dict, ctx: Context) -> dict[str, Any]:
     return {"score": await evaluate(program, devset, metric, ctx, lanes, report=True), "n": len(devset)}
 
 
-@handler("dspy.optimize", needs_dspy=True)
+@handler("dspy.optimize", needs_dspy=True,
+         args=("program", "metric", "optimizer", "params", "trainset", "valset", "concurrency"))
 async def optimize(args: dict, ctx: Context) -> dict[str, Any]:
     """Compile ``program`` with a DSPy optimizer; progress chunks; the compiled program is stored."""
     from bridge.programs.optimize import Metric, Plan, check_items, evaluate, optimize

@@ -29,7 +29,7 @@ def checked(spec: Any) -> tuple["Step", ...]:
         raise PeerError(ErrorType.BAD_REQUEST, str(exc), exc.details()) from None
 
 
-@handler("pipeline.create", needs_dspy=True)
+@handler("pipeline.create", needs_dspy=True, args=("name", "steps"))
 async def pipeline_create(args: dict, ctx: Context) -> dict[str, Any]:
     """Check ``steps`` now (modules, conditions, lane conflicts) and store them under ``name``."""
     name = args.get("name")
@@ -39,7 +39,7 @@ async def pipeline_create(args: dict, ctx: Context) -> dict[str, Any]:
     return {"name": name}
 
 
-@handler("pipeline.run", needs_dspy=True)
+@handler("pipeline.run", needs_dspy=True, args=("steps", "name", "inputs", "stream"))
 async def pipeline_run(args: dict, ctx: Context) -> dict[str, Any]:
     """Run ``steps``, or the stored pipeline ``name``, from ``inputs``; the result is the final fields."""
     if ("steps" in args) == ("name" in args):

@@ -12,6 +12,10 @@ Grammar (``not`` binds tighter than ``and``, ``and`` tighter than ``or``)::
     not     := "not" not | compare
     compare := operand (OP operand)?        OP: == != < <= > >= in, not in
     operand := STRING | NUMBER | true | false | null | NAME("." NAME)* | "[" list "]" | "(" or ")"
+
+Parentheses, ``not`` and lists nest at most ``MAX_DEPTH`` levels, and a chain of
+``and``/``or`` is one node, so neither parsing nor evaluation can exhaust the
+stack; an int of more than 4300 digits (Python's limit) is refused, with its position.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Callable, Iterator, Union
 
 from bridge.wire.errors import ExpressionError
 
+MAX_DEPTH = 64  # nested parentheses, ``not`` and lists: deeper would overflow Python's stack
 KEYWORDS = {"and", "or", "not", "in", "true", "false", "null"}
 LITERALS = {"true": True, "false": False, "null": None}
 COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
@@ -61,13 +66,25 @@ def tokenize(text: str) -> Iterator[Token]:
             continue
         word = match.group()
         if kind == "number":
-            yield Token(kind, float(word) if any(c in word for c in ".eE") else int(word), position)
+            yield Token(kind, _number(word, position), position)
         elif kind == "name":
             yield Token("keyword" if word in KEYWORDS else "name", word, position)
         elif kind != "space":
             yield Token(kind, word, position)
         position = match.end()
     yield Token("end", None, len(text))
+
+
+def _number(word: str, position: int) -> int | float:
+    """An int, or a float when written with a point or an exponent; Python refuses ints of more
+    than ``sys.get_int_max_str_digits()`` digits (4300), and a float that overflows is no number."""
+    try:
+        value = float(word) if any(c in word for c in ".eE") else int(word)
+    except ValueError:
+        raise ExpressionError(f"number of {len(word)} characters is too long", position) from None
+    if value in (float("inf"), float("-inf")):
+        raise ExpressionError("number is too large for a float", position)
+    return value
 
 
 def _string(text: str, start: int) -> tuple[str, int]:
@@ -133,15 +150,15 @@ class Not:
 @dataclass(frozen=True, slots=True)
 class Logic:
     op: str  # "and" | "or"; short-circuits like Python, but always yields a bool
-    left: "Node"
-    right: "Node"
-    position: int
+    operands: tuple["Node", ...]  # a whole chain, ``a and b and c``: evaluated in a loop, not recursion
+    position: int  # of the first operator
 
     def evaluate(self, fields: dict[str, Any]) -> Any:
-        left = bool(self.left.evaluate(fields))
-        if left == (self.op == "or"):
-            return left
-        return bool(self.right.evaluate(fields))
+        stop = self.op == "or"  # the value that decides the chain
+        for operand in self.operands:
+            if bool(operand.evaluate(fields)) == stop:
+                return stop
+        return not stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +186,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = list(tokenize(text))
         self.i = 0
+        self.depth = 0  # open parentheses, ``not``s and lists around the current token
 
     @property
     def peek(self) -> Token:
@@ -201,24 +219,37 @@ class _Parser:
             raise self.unexpected("expected 'and', 'or' or the end")
         return node
 
+    def nested(self) -> None:
+        """One level deeper (at ``(``, ``not``, ``[``); ``leave`` when done."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ExpressionError(f"expression nested more than {MAX_DEPTH} levels deep", self.peek.position)
+
+    def leave(self) -> None:
+        self.depth -= 1
+
     def or_(self) -> Node:
-        node = self.and_()
-        while self.at("keyword", "or"):
-            position = self.take().position
-            node = Logic("or", node, self.and_(), position)
-        return node
+        return self.chain("or", self.and_)
 
     def and_(self) -> Node:
-        node = self.not_()
-        while self.at("keyword", "and"):
-            position = self.take().position
-            node = Logic("and", node, self.not_(), position)
-        return node
+        return self.chain("and", self.not_)
+
+    def chain(self, op: str, operand: Callable[[], Node]) -> Node:
+        """``operand (op operand)*``: one node for the whole chain."""
+        operands, position = [operand()], 0
+        while self.at("keyword", op):
+            token = self.take()
+            position = position or token.position
+            operands.append(operand())
+        return operands[0] if len(operands) == 1 else Logic(op, tuple(operands), position)
 
     def not_(self) -> Node:
         if self.at("keyword", "not"):
+            self.nested()
             position = self.take().position
-            return Not(self.not_(), position)
+            node = Not(self.not_(), position)
+            self.leave()
+            return node
         return self.compare()
 
     def compare(self) -> Node:
@@ -253,9 +284,11 @@ class _Parser:
         if token.kind == "name":
             return self.field()
         if self.at("punct", "("):
+            self.nested()
             self.take()
             node = self.or_()
             self.expect("punct", ")")
+            self.leave()
             return node
         if self.at("punct", "["):
             return self.list_()
@@ -272,6 +305,7 @@ class _Parser:
         return Field(tuple(path), first.position)
 
     def list_(self) -> ListOf:
+        self.nested()
         position = self.take().position
         items: list[Node] = []
         while not self.at("punct", "]"):
@@ -279,6 +313,7 @@ class _Parser:
             if not self.at("punct", "]"):
                 self.expect("punct", ",")
         self.take()
+        self.leave()
         return ListOf(tuple(items), position)
 
 

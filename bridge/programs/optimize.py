@@ -23,7 +23,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import anyio
 import dspy
 from dspy.evaluate.metrics import EM, F1, normalize_text
 from dspy.utils.callback import BaseCallback
@@ -284,7 +283,7 @@ async def optimize(plan: Plan, program: Program, trainset: list[Item], valset: l
 
     try:
         with reported():
-            module = await anyio.to_thread.run_sync(compile_, abandon_on_cancel=True, limiter=ctx.shared.threads)
+            module = await ctx.shared.threads.run_sync(compile_)
     except Abort as abort:
         raise abort.error or PeerError(ErrorType.CANCELLED, "the request ended during optimization") from None
     return Program(program.kind, program.signature, module, program.config, program.tools)

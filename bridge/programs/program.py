@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import dspy
 
 MODULES = ("Predict", "ChainOfThought", "ReAct")
+PROGRAM_ARGS = ("signature", "module", "instructions", "config", "max_iters", "tools")  # what build_program reads
 
 
 @dataclass(slots=True)

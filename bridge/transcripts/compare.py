@@ -8,9 +8,10 @@ from typing import Any, Callable
 from bridge.wire import jsontags
 
 VOLATILE_RESULTS = {"ping": ("time",), "stats": ("uptime_s", "rss_bytes", "bytes_out", "warm")}
-# stats' request metrics: timings, and counters that older recordings do not have
+# stats' request metrics: timings, and counters that older recordings do not have (threads: the warm-up's
+# thread may still be busy or not)
 UNCOMPARED_RESULTS = {"stats": ("requests", "errors", "latency_ms", "histogram_buckets", "lm",
-                                "lm_by_session", "allow")}  # allow.paths: where the replayed transcript lies
+                                "lm_by_session", "allow", "threads")}  # allow.paths: where the replayed transcript lies
 
 
 StreamKey = tuple

@@ -31,7 +31,8 @@ FORMAT = 1
 NOT_REPLAYED = {"command", "fds", "record", "record_append", "replay_lm", "replay_segment", "replay_speed"}
 # the serve options ``bridge replay`` takes from a transcript's header: none widens what the worker trusts
 HONOURED = {"meta", "telemetry", "slow_chunk_ms", "max_frame_bytes", "max_threads", "max_inflight", "max_objects",
-            "drain_timeout", "tool_timeout_ms", "log_level", "max_file_bytes"}
+            "drain_timeout", "tool_timeout_ms", "log_level", "max_file_bytes", "max_thread_queue", "max_sessions",
+            "session_ttl"}
 
 
 def header(options: dict[str, Any]) -> dict[str, Any]:

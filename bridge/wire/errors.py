@@ -43,7 +43,8 @@ MEANINGS: dict[str, str] = {
     ErrorType.DUPLICATE_ID: "a request id that is already in flight",
     ErrorType.FRAME_TOO_LARGE: "a frame over --max-frame-bytes; it was skipped unread",
     ErrorType.SHUTTING_DOWN: "the worker is draining and takes no new requests, or ran out of drain time",
-    ErrorType.OVERLOADED: "--max-inflight requests are already running",
+    ErrorType.OVERLOADED: "--max-inflight requests run, --max-sessions sessions exist, or --max-thread-queue calls "
+                          "wait for a thread",
     ErrorType.CANCELLED: "the host cancelled the request",
     ErrorType.TIMEOUT: "the request's timeout_ms passed",
     ErrorType.HANDLER_ERROR: "the handler raised, or returned a result msgpack cannot carry",
@@ -51,7 +52,7 @@ MEANINGS: dict[str, str] = {
     ErrorType.LM_NOT_CONFIGURED: "a DSPy command in a session with no LM",
     ErrorType.LM_ERROR: "the LM failed: a provider error, or a scripted LM whose script ran out",
     ErrorType.ADAPTER_PARSE_ERROR: "DSPy's adapter could not parse the LM's reply",
-    ErrorType.UNKNOWN_SESSION: "a session that does not exist",
+    ErrorType.UNKNOWN_SESSION: "a session that does not exist, or (once) one that expired or was closed",
     ErrorType.UNKNOWN_REF: "a ref the request's session does not hold",
     ErrorType.OBJECT_LIMIT: "--max-objects objects are already held by refs",
     ErrorType.UNKNOWN_PIPELINE: "a pipeline name the session does not hold",

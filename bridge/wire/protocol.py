@@ -30,16 +30,16 @@ class Request(NamedTuple):
 
 
 class Cancel(NamedTuple):
-    id: Any
+    id: RequestId
 
 
 class Credit(NamedTuple):
-    id: Any
+    id: RequestId
     n: int
 
 
 class RpcResponse(NamedTuple):
-    rpc_id: Any
+    rpc_id: RequestId
     ok: bool
     result: Any = None
     error: dict | None = None  # {"type", "message"} when not ok
@@ -66,9 +66,31 @@ def int_arg(args: dict, name: str, default: int | None = None, minimum: int = 0)
     return value
 
 
-def _is_id(value: Any) -> bool:
-    kind = type(value)  # exact types first: this runs for every request
-    return kind is int or kind is str or (isinstance(value, (int, str)) and not isinstance(value, bool))
+ID_MIN, ID_MAX = -2**63, 2**64 - 1  # what msgpack carries as an integer: int64 and uint64
+ID_MAX_BYTES = 256
+ID_RULE = f"an int in [-2**63, 2**64 - 1] (not a bool) or a str of at most {ID_MAX_BYTES} bytes"
+
+
+def is_id(value: Any) -> bool:
+    """An id of a request or a host call: decoded msgpack gives exact ``int`` and ``str`` only
+    (never a subclass; ``bool`` is another type), so exact type checks are both fast and strict."""
+    kind = type(value)
+    if kind is int:
+        return ID_MIN <= value <= ID_MAX
+    return kind is str and (len(value) <= ID_MAX_BYTES // 4 or len(value.encode()) <= ID_MAX_BYTES)
+
+
+def _bad_id(frame: str, field: str, value: Any) -> Rejected:
+    return Rejected(error(None, ErrorType.BAD_FRAME, f"{frame} '{field}' must be {ID_RULE}",
+                         {"field": field, "value": _shown(value)}))
+
+
+def _shown(value: Any) -> Any:
+    """A bad value as the error's details show it: short scalars as they are, anything else as a short repr."""
+    if type(value) in (int, str, bool, float) or value is None:
+        return value if not isinstance(value, str) or len(value) <= 64 else value[:64] + "…"
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "…"
 
 
 def _bad_int(value: Any, minimum: int) -> bool:
@@ -78,8 +100,9 @@ def _bad_int(value: Any, minimum: int) -> bool:
 def _parse_request(body: dict) -> Request | Rejected:
     """Check a request's fields; on the hot path, so the common case is a few dict lookups."""
     rid = body.get("id")
-    if not _is_id(rid):
-        return Rejected(error(None, ErrorType.BAD_REQUEST, "request 'id' must be an int or a str"))
+    if not is_id(rid):
+        return Rejected(error(None, ErrorType.BAD_REQUEST, f"request 'id' must be {ID_RULE}",
+                              {"field": "id", "value": _shown(rid)}))
     command = body.get("command")
     if type(command) is not str:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'command' must be a str"))
@@ -89,8 +112,10 @@ def _parse_request(body: dict) -> Request | Rejected:
     elif type(args) is not dict:
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'args' must be a map"))
     session_id = body.get("session_id")
-    if session_id is not None and type(session_id) is not str:
-        return Rejected(error(rid, ErrorType.BAD_REQUEST, "request 'session_id' must be a str"))
+    if session_id is not None and not (type(session_id) is str and session_id and is_id(session_id)):
+        return Rejected(error(rid, ErrorType.BAD_REQUEST,
+                              f"request 'session_id' must be a non-empty str of at most {ID_MAX_BYTES} bytes",
+                              {"field": "session_id", "value": _shown(session_id)}))
     timeout_ms, window = body.get("timeout_ms"), body.get("window")
     if _bad_int(timeout_ms, 0):
         return Rejected(error(rid, ErrorType.BAD_REQUEST, "'timeout_ms' must be an integer >= 0"))
@@ -105,14 +130,17 @@ def parse(body: dict) -> Event:
     if kind == "request":
         return _parse_request(body)
     if kind == "cancel":
-        return Cancel(body.get("id"))
+        rid = body.get("id")
+        return Cancel(rid) if is_id(rid) else _bad_id("cancel", "id", rid)
     if kind == "rpc_response":
         return _parse_rpc_response(body)
     if kind == "credit":
-        n = body.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        rid, n = body.get("id"), body.get("n")
+        if not is_id(rid):
+            return _bad_id("credit", "id", rid)
+        if type(n) is not int or n < 1:
             return Rejected(error(None, ErrorType.BAD_FRAME, "credit 'n' must be an integer >= 1"))
-        return Credit(body.get("id"), n)
+        return Credit(rid, n)
     if kind == "shutdown":
         return Shutdown()
     if kind is None:
@@ -125,6 +153,8 @@ def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
     ok = body.get("ok")
     if not isinstance(ok, bool) or "rpc_id" not in body:
         return Rejected(error(None, ErrorType.BAD_FRAME, "rpc_response needs 'rpc_id' and a boolean 'ok'"))
+    if not is_id(body["rpc_id"]):
+        return _bad_id("rpc_response", "rpc_id", body["rpc_id"])
     err = body.get("error")
     if not ok and not isinstance(err, dict):
         err = {"type": "tool_error", "message": repr(err)}

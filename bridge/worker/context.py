@@ -24,6 +24,7 @@ from bridge.worker.tools import CLOSED
 if TYPE_CHECKING:
     from bridge.worker.options import Config
     from bridge.worker.sessions import Session, SessionStore
+    from bridge.worker.threads import Threads
     from bridge.worker.tools import Slot, ToolBridge
     from bridge.worker.transport import FrameWriter
 
@@ -37,7 +38,7 @@ class Shared(NamedTuple):
     writer: "FrameWriter"
     tools: "ToolBridge"
     sessions: "SessionStore"
-    threads: anyio.CapacityLimiter  # bounds the worker threads of sync handlers and DSPy runs
+    threads: "Threads"  # ``await threads.run_sync(fn, *args)``: worker threads, bounded until they return
     token: Any  # the loop's anyio token: ``*_blocking`` calls from threads reach the loop with it
     post: Post  # run ``fn(body)`` on the loop, from any thread
     config: "Config"
@@ -52,16 +53,17 @@ class Context:
     group's ``meta`` instead (``worker.respond``).
     """
 
-    __slots__ = ("id", "command", "session_id", "deadline", "seq", "closed", "parked", "shared",
-                 "_writer", "_credit", "_credit_event", "_since_yield",
+    __slots__ = ("id", "command", "session_id", "opens", "deadline", "seq", "closed", "parked", "shared",
+                 "_writer", "_credit", "_waiters", "_since_yield",
                  "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
                  "_watch_chunks")
 
     def __init__(self, req: protocol.Request, shared: Shared, arrived: float, observed: bool = False,
-                 lm: bool = False) -> None:
+                 lm: bool = False, opens: bool = False) -> None:
         self.id = req.id
         self.command = req.command
         self.session_id = req.session_id
+        self.opens = opens  # the command sets its session up: an ended one starts afresh
         self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
         self.seq = 0
         self.closed = False
@@ -69,7 +71,7 @@ class Context:
         self.shared = shared
         self._writer = shared.writer
         self._credit = req.window
-        self._credit_event: anyio.Event | None = None
+        self._waiters: list[anyio.Event] | None = None  # emitters waiting for credit, one event each
         self._since_yield = YIELD_EVERY
         self.arrived = self.started = arrived  # arrival: the read that carried the request
         self.first_chunk: float | None = None
@@ -95,8 +97,9 @@ class Context:
 
     @property
     def session(self) -> "Session":
-        """The request's session (``session_id``, or the default one); created on first use."""
-        return self.shared.sessions.get_or_create(self.session_id)
+        """The request's session (``session_id``, or the default one); created on first use.
+        ``unknown_session`` once for one that expired or was closed, unless the command opens it."""
+        return self.shared.sessions.get_or_create(self.session_id, self.opens)
 
     # ---- chunks ----------------------------------------------------------------
 
@@ -106,10 +109,7 @@ class Context:
             raise RequestClosed(f"request {self.id!r} is finished")
         if self._credit is not None:
             while self._credit <= 0:
-                self._credit_event = anyio.Event()
-                await self._credit_event.wait()
-                if self.closed:
-                    raise RequestClosed(f"request {self.id!r} is finished")
+                await self._wait_for_credit()
             self._credit -= 1
         writer = self._writer
         self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
@@ -123,6 +123,24 @@ class Context:
             if self._since_yield >= YIELD_EVERY:
                 self._since_yield = 0
                 await anyio.lowlevel.checkpoint()
+
+    async def _wait_for_credit(self) -> None:
+        """Park until credit arrives or the request ends.  Several emitters (batch lanes) may
+        wait on one request, so each has its own event: one shared slot would lose wake-ups."""
+        if self._waiters is None:
+            self._waiters = []
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        finally:
+            self._waiters.remove(event)
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+
+    def _wake_waiters(self) -> None:
+        for event in self._waiters or ():
+            event.set()
 
     def _watched_chunk(self) -> None:
         now = time.perf_counter()
@@ -144,8 +162,7 @@ class Context:
         if self._credit is None:
             return
         self._credit += n
-        if self._credit_event is not None:
-            self._credit_event.set()
+        self._wake_waiters()  # each re-checks the credit: one that finds none waits again
 
     # ---- host tools --------------------------------------------------------------
 
@@ -171,5 +188,4 @@ class Context:
         self.closed = True
         for slot in tuple(self.parked):
             slot.finish(CLOSED)
-        if self._credit_event is not None:
-            self._credit_event.set()
+        self._wake_waiters()

@@ -17,10 +17,13 @@ class Config(NamedTuple):
     out_fd: int = 1
     max_frame_bytes: int = framing.MAX_FRAME_BYTES
     max_threads: int = 32
+    max_thread_queue: int = 1000  # calls waiting for a worker thread; one more is ``overloaded``
     drain_timeout: float = 30.0
     tool_timeout_ms: int = 30_000
     max_objects: int = 10_000
     max_inflight: int = 10_000
+    max_sessions: int = 10_000  # one more session is ``overloaded``
+    session_ttl: float = 3600.0  # idle seconds before a session not made by session.create expires
     allow_modules: tuple[str, ...] = ()  # module prefixes 'call' may reach beyond its table (--allow-module)
     allow_names: tuple[str, ...] = ()  # exact 'call' targets added to the table (--allow)
     allow_paths: tuple[str, ...] = ()  # directories host paths may lie in (--allow-path)
@@ -39,6 +42,26 @@ def _fds(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds > 0, not {text!r}")
+    return value
+
+
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fds", type=_fds, metavar="IN,OUT",
                    help="read and write frames on these descriptors (Erlang nouse_stdio: 3,4)")
@@ -49,13 +72,21 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diagnostics", action="store_true",
                    help="also serve stream_count, sleep and rpc_loop (benchmarks, health checks)")
     p.add_argument("--max-frame-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--max-threads", type=int, default=32, help="worker threads for sync handlers")
+    p.add_argument("--max-threads", type=_positive, default=32,
+                   help="worker threads (sync handlers, threaded DSPy work); a cancelled call's thread "
+                        "counts until it returns")
+    p.add_argument("--max-thread-queue", type=_positive, default=1000,
+                   help="calls that may wait for a worker thread; one more is refused with 'overloaded'")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on shutdown")
     p.add_argument("--tool-timeout-ms", type=int, default=30_000, help="default host tool call timeout")
     p.add_argument("--max-objects", type=int, default=10_000, help="objects held by refs, all sessions")
     p.add_argument("--max-inflight", type=int, default=10_000,
                    help="requests running at once; more are refused with 'overloaded'")
+    p.add_argument("--max-sessions", type=_positive, default=10_000,
+                   help="sessions held at once; a request that would create one more gets 'overloaded'")
+    p.add_argument("--session-ttl", type=_seconds, default=3600.0, metavar="S",
+                   help="idle seconds before a session not made by session.create (and not the default one) expires")
     p.add_argument("--allow-module", action="append", dest="allow_modules", metavar="PREFIX",
                    help="module prefix whose public callables 'call' may reach beyond its table (repeatable)")
     p.add_argument("--allow", action="append", dest="allow_names", metavar="NAME",
@@ -89,9 +120,10 @@ TRUST_OPTIONS = (("--handlers", "handlers"), ("--allow-module", "allow_modules")
 def config_from(opts: argparse.Namespace, in_fd: int, out_fd: int) -> Config:
     """The ``Config`` of parsed ``bridge serve`` options."""
     return Config(in_fd=in_fd, out_fd=out_fd, max_frame_bytes=opts.max_frame_bytes,
-                  max_threads=opts.max_threads, drain_timeout=opts.drain_timeout,
+                  max_threads=opts.max_threads, max_thread_queue=opts.max_thread_queue, drain_timeout=opts.drain_timeout,
                   tool_timeout_ms=opts.tool_timeout_ms, max_objects=opts.max_objects,
-                  max_inflight=opts.max_inflight, allow_modules=tuple(opts.allow_modules or ()),
+                  max_inflight=opts.max_inflight, max_sessions=opts.max_sessions, session_ttl=opts.session_ttl,
+                  allow_modules=tuple(opts.allow_modules or ()),
                   allow_names=tuple(opts.allow_names or ()), allow_paths=tuple(opts.allow_paths or ()),
                   max_file_bytes=opts.max_file_bytes, allow_api_bases=tuple(opts.allow_api_bases or ()),
                   meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms)

@@ -7,10 +7,11 @@ lookup plus one branch.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import importlib
 import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 
 class Kind(enum.Enum):
@@ -26,6 +27,32 @@ class Entry(NamedTuple):
     fn: Callable[..., Any]
     kind: Kind
     needs_dspy: bool = False
+    args: frozenset[str] | None = None  # the arguments it takes; None: any (free-form)
+    opens_session: bool = False  # starts an ended (expired or closed) session afresh instead of failing
+
+    def unknown_argument(self, args: dict) -> dict | None:
+        """``details`` of the first argument this command does not take, or None when all are known.
+
+        One check for every command, before it runs: a misspelt argument is an error, never
+        silently ignored (``sleep {"ms": 200}`` would sleep 0 s)."""
+        known = self.args
+        if known is None or not args:
+            return None
+        for name in args:
+            if name not in known:
+                return unknown_argument_details(name, known)
+        return None
+
+
+def unknown_argument_details(name: Any, known: Iterable[str]) -> dict:
+    """``{argument, did_you_mean?, known}`` for an argument not in ``known``."""
+    known = sorted(known)
+    details: dict[str, Any] = {"argument": name}
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if isinstance(name, str) else []
+    if close:
+        details["did_you_mean"] = close[0]
+    details["known"] = known
+    return details
 
 
 def classify(fn: Callable[..., Any], inline: bool = False) -> Kind:
@@ -53,8 +80,9 @@ class Registry:
         self.warmups: list[Callable[[], None]] = []
 
     def add(self, name: str, fn: Callable[..., Any], *, inline: bool = False,
-            needs_dspy: bool = False) -> Entry:
-        entry = Entry(name, fn, classify(fn, inline), needs_dspy)
+            needs_dspy: bool = False, args: Iterable[str] | None = None, opens_session: bool = False) -> Entry:
+        entry = Entry(name, fn, classify(fn, inline), needs_dspy, None if args is None else frozenset(args),
+                      opens_session)
         self._entries[name] = entry
         return entry
 
@@ -78,16 +106,22 @@ class Registry:
 REGISTRY = Registry()
 
 
-def handler(name: str, *, inline: bool = False, needs_dspy: bool = False) -> Callable:
+def handler(name: str, *, inline: bool = False, needs_dspy: bool = False,
+            args: Iterable[str] | None = None, opens_session: bool = False) -> Callable:
     """Register ``fn(args: dict, ctx)`` as the handler of command ``name``.
 
     ``inline=True`` is for light, non-blocking plain functions (microseconds):
     the reader runs them directly, with no task and no thread.  ``needs_dspy``
-    makes the request wait for the background DSPy import first.
+    makes the request wait for the background DSPy import first.  ``args``
+    names every argument the command takes (``()`` for none): any other is
+    refused with ``bad_request`` before the handler runs.  Without it the
+    arguments are free-form.  ``opens_session`` marks a command that sets a session
+    up (``lm.configure``): in a session that expired or was closed it starts
+    the session afresh, where other commands get ``unknown_session`` once.
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
-        REGISTRY.add(name, fn, inline=inline, needs_dspy=needs_dspy)
+        REGISTRY.add(name, fn, inline=inline, needs_dspy=needs_dspy, args=args, opens_session=opens_session)
         return fn
 
     return register

@@ -114,6 +114,7 @@ class Responder:
 
 def failure(rid: Any, exc: Exception) -> dict:
     """The error frame for what a handler raised: the host's errors by their type, ours with a traceback."""
+    exc = unwrapped(exc)
     if isinstance(exc, PeerError):
         return protocol.error(rid, exc.type, exc.message, exc.details)
     if isinstance(exc, ToolError):
@@ -121,6 +122,30 @@ def failure(rid: Any, exc: Exception) -> dict:
     return protocol.error(rid, ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__,
                           {"exception": type(exc).__name__},
                           "".join(traceback.format_exception(exc)))
+
+
+def unwrapped(exc: Exception) -> Exception:
+    """The error a task group's ``ExceptionGroup`` stands for, so that it keeps its type wherever it
+    was raised: its one leaf, or the first of leaves that are all the same error (parked calls
+    failing together at EOF).  A group of different errors stays a group (``handler_error``)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = _leaves(exc)
+    first = leaves[0]
+    if isinstance(first, Exception) and all(_same(first, other) for other in leaves[1:]):
+        return first
+    return exc
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for inner in group.exceptions:
+        found.extend(_leaves(inner) if isinstance(inner, BaseExceptionGroup) else [inner])
+    return found
+
+
+def _same(a: BaseException, b: BaseException) -> bool:
+    return type(a) is type(b) and getattr(a, "type", None) == getattr(b, "type", None)
 
 
 def cancelled(req: protocol.Request, reason: str | None) -> dict:

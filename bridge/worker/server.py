@@ -1,11 +1,13 @@
 """The worker's event loop: read frames and dispatch them; terminal frames go through ``respond``.
 
 One anyio task group owns everything: the reader (this module), the writer
-task, the signal watcher, the session sweeper, warm-ups, and one task per
-non-inline request.  Requests are cancelled through their own cancel scopes;
-the reader never blocks on a handler.  A sync handler runs in a worker thread,
-which a cancel or timeout abandons: the request ends at once, and the thread
-runs on until the handler returns (it can poll ``ctx.cancelled``).
+task, the signal watcher, housekeeping (the session sweep, reaping adopted
+orphans), warm-ups, and one task per non-inline request.  Requests are
+cancelled through their own cancel scopes; the reader never blocks on a
+handler.  A sync handler runs in a worker thread (``worker.threads``), which a
+cancel or timeout abandons: the request ends at once, and the thread runs on
+until the handler returns (it can poll ``ctx.cancelled``), still counted
+against ``--max-threads``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import signal
 import threading
 import time
 from contextlib import aclosing
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 
 from bridge import __version__
 from bridge.observe.current import REQUEST
@@ -31,11 +32,13 @@ from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
 from bridge.wire.redact import learn
 from bridge.worker import paths
+from bridge.worker import children
 from bridge.worker.context import Context, Shared
 from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
 from bridge.worker.respond import Responder, cancelled, failure
 from bridge.worker.sessions import SessionStore
+from bridge.worker.threads import Threads
 from bridge.worker.tools import ToolBridge
 from bridge.worker.transport import FrameWriter, peer_closed, prepare_fd, read_some
 
@@ -67,7 +70,7 @@ class Server:
         paths.configure(config.allow_paths, config.max_file_bytes)
         self.started = time.monotonic()
         self.inflight: dict[Any, Inflight] = {}
-        self.sessions = SessionStore(config.max_objects)
+        self.sessions = SessionStore(config.max_objects, config.max_sessions, config.session_ttl)
         self.frames_in = 0
         self.bytes_in = 0
         self.metrics = WorkerMetrics()
@@ -80,7 +83,7 @@ class Server:
         self.respond: Responder = None  # type: ignore[assignment]
         self.shared: Shared = None  # type: ignore[assignment]
         self.warm = anyio.Event()
-        self.limiter = anyio.CapacityLimiter(config.max_threads)
+        self.threads = Threads(config.max_threads, config.max_thread_queue)
         self._idle = anyio.Event()
         self._tg: anyio.abc.TaskGroup = None  # type: ignore[assignment]
         self.recorder: Any = None  # with --record, installed by the CLI: sees every frame both ways
@@ -98,18 +101,21 @@ class Server:
         self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
         self.respond = Responder(self.writer, self.metrics, cfg.meta)
         self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self.shared = Shared(self.writer, self.tools, self.sessions, self.limiter, anyio.lowlevel.current_token(),
+        self.shared = Shared(self.writer, self.tools, self.sessions, self.threads, anyio.lowlevel.current_token(),
                              self.post, cfg, self.stats)
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self.writer.run)
-            self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
-            tg.start_soon(self._watch_signals)
-            tg.start_soon(self._sweep_sessions)
-            tg.start_soon(self._warm_up)
-            tg.start_soon(self._watch_broken_pipe)
-            tg.start_soon(self.tools.run_timer)
-            await self._read_loop()
+        # Signals are caught from before ``ready``: a SIGTERM that comes before the watcher
+        # task first runs is a shutdown too, not the default death.
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self.writer.run)
+                self.writer.send(protocol.ready(__version__, os.getpid(), self.registry.names(), CAPABILITIES))
+                tg.start_soon(self._watch_signals, signals)
+                tg.start_soon(self._housekeeping)
+                tg.start_soon(self._warm_up)
+                tg.start_soon(self._watch_broken_pipe)
+                tg.start_soon(self.tools.run_timer)
+                await self._read_loop()
         return 0
 
     async def _read_loop(self) -> None:
@@ -171,28 +177,30 @@ class Server:
         await anyio.lowlevel.checkpoint()
         self._tg.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal %d: shutting down", signum)
-                self.begin_shutdown()
+    async def _watch_signals(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            log.info("signal %d: shutting down", signum)
+            self.begin_shutdown()
 
     async def _watch_broken_pipe(self) -> None:
         await self.writer.broken.wait()
         log.info("output closed by the host: exiting now")
         self._tg.cancel_scope.cancel()
 
-    async def _sweep_sessions(self) -> None:
+    async def _housekeeping(self) -> None:
+        """Once a second: end idle sessions, reap adopted orphan processes (``worker.children``)."""
         while True:
             await anyio.sleep(1.0)
             for sid in self.sessions.sweep():
                 log.info("session %r expired", sid)
+            for pid in children.reap_adopted():
+                log.debug("reaped adopted orphan process %d", pid)
 
     async def _warm_up(self) -> None:
         """Run registered warm-ups (the DSPy import) in a thread, after ``ready`` is out."""
         try:
             for fn in self.registry.warmups:
-                await anyio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+                await self.threads.run_sync(fn)
         except Exception:
             log.exception("warm-up failed; requests that need it will fail on their own")
         finally:
@@ -223,12 +231,12 @@ class Server:
             self._on_request(event)
         elif isinstance(event, protocol.RpcResponse):
             self.tools.on_response(event)
-        elif isinstance(event, protocol.Cancel):
-            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+        elif isinstance(event, protocol.Cancel):  # ids are checked by ``protocol.parse``: never a bool
+            state = self.inflight.get(event.id)
             if state is not None:
                 state.cancel(ErrorType.CANCELLED)
         elif isinstance(event, protocol.Credit):
-            state = self.inflight.get(event.id) if isinstance(event.id, (int, str)) else None
+            state = self.inflight.get(event.id)
             if state is not None:
                 state.ctx.add_credit(event.n)
         elif isinstance(event, protocol.Shutdown):
@@ -251,6 +259,11 @@ class Server:
         if req.id in self.inflight:
             respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {protocol.quote(req.id)} is already in flight", {"id": req.id})
             return
+        if req.args and entry.args is not None:
+            unknown = entry.unknown_argument(req.args)
+            if unknown is not None:
+                respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)
+                return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
             return
@@ -259,7 +272,8 @@ class Server:
                            {"limit": self.config.max_inflight})
             return
         deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
-        ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy)
+        ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy,
+                      entry.opens_session)
         state = self.inflight[req.id] = Inflight(ctx, deadline)
         self._tg.start_soon(self._run, entry, req, state)
 
@@ -268,7 +282,7 @@ class Server:
         telemetry, or a failing one, is answered at once with its own ``meta``."""
         respond = self.respond
         observed = req.telemetry or self.telemetry_all
-        ctx = Context(req, self.shared, respond.arrived, observed)
+        ctx = Context(req, self.shared, respond.arrived, observed, opens=entry.opens_session)
         if observed:
             _begin(ctx)
         try:
@@ -295,6 +309,7 @@ class Server:
             "warm": self.warm.is_set(),
             "in_flight": len(self.inflight),
             "tool_calls_parked": self.tools.parked,
+            "threads": self.threads.stats(),
             "frames_in": self.frames_in,
             "frames_out": writer.frames_out,
             "bytes_in": self.bytes_in,
@@ -339,20 +354,24 @@ class Server:
         self.respond.finish(ctx, frame)
 
     async def _invoke(self, entry: Entry, args: dict, ctx: Context) -> Any:
-        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel)."""
+        """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel,
+        counted against ``--max-threads`` until it returns)."""
         kind = entry.kind
         if kind is Kind.ASYNC:
             return await entry.fn(args, ctx)
         if kind is Kind.SYNC:
-            return await anyio.to_thread.run_sync(_call_sync, entry, args, ctx, abandon_on_cancel=True,
-                                                  limiter=self.limiter)
+            return await self.threads.run_sync(_call_sync, entry, args, ctx)
         if kind is Kind.ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
                 async for item in agen:
                     await ctx.emit(item)
             return None
-        return await anyio.to_thread.run_sync(_drive_generator, entry, args, ctx, abandon_on_cancel=True,
-                                              limiter=self.limiter)
+        return await self.threads.run_sync(_drive_generator, entry, args, ctx)
+
+
+def _unknown_message(command: str, details: dict) -> str:
+    hint = f"; did you mean {details['did_you_mean']!r}?" if "did_you_mean" in details else ""
+    return f"{command} takes no argument {protocol.quote(details['argument'])}{hint} (it takes: {', '.join(details['known']) or 'none'})"
 
 
 def _begin(ctx: Context) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from typing import Any, TextIO
 
 from bridge.wire.redact import redact
+
+from bridge.worker import children
 
 
 def claim_stdout() -> int:
@@ -53,34 +54,9 @@ def setup_logging(level: str) -> None:
                         format=f"bridge[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-    except OSError:
-        pass
-    return kids
-
-
-def kill_descendants() -> None:
-    """Kill every process this worker started (and theirs), so none outlives it."""
-    stack, seen = _children(os.getpid()), []
-    while stack:
-        pid = stack.pop()
-        seen.append(pid)
-        stack.extend(_children(pid))
-    for pid in seen:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def hard_exit(code: int) -> None:
     """Exit now, without joining abandoned handler threads (they may be blocked forever)."""
-    kill_descendants()
+    children.kill_descendants()
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)

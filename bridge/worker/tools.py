@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import anyio
 
+from bridge.observe.logs import Throttled
 from bridge.wire import protocol
 from bridge.wire.errors import RequestClosed, ToolError
 
@@ -84,6 +85,7 @@ class ToolBridge:
         self._deadlines: dict[int, dict[int, Slot]] = {}  # timeout_ms -> rpc_id -> slot, oldest first
         self._wake = anyio.Event()
         self._input_closed = False
+        self._ignored = Throttled(log)  # one line a second, however many stray answers come
 
     @property
     def parked(self) -> int:
@@ -134,10 +136,11 @@ class ToolBridge:
         return _outcome(slot, tool, timeout_ms, ctx)
 
     def on_response(self, response: protocol.RpcResponse) -> None:
-        """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored."""
-        slot = self._slots.get(response.rpc_id) if isinstance(response.rpc_id, int) else None
+        """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored (and logged,
+        throttled)."""
+        slot = self._slots.get(response.rpc_id)  # an id checked by ``protocol.parse``: never a bool
         if slot is None or slot.done:
-            log.warning("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
+            self._ignored("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
             return
         slot.fill(response)
 
