@@ -28,6 +28,7 @@ _NAME = re.compile(r"(key|token|secret|password|authorization)$", re.IGNORECASE)
 _NAMES_CACHED = 4096
 
 _names: dict[Any, bool] = {}
+_clean: set[str] = set()  # key names known not to be secret ones (a C-speed subset test per map)
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
 _lock = threading.Lock()
 _text: re.Pattern[str] | None = None
@@ -41,6 +42,8 @@ def secret_name(name: Any) -> bool:
         hit = isinstance(name, str) and _NAME.search(name) is not None
         if len(_names) < _NAMES_CACHED:
             _names[name] = hit
+            if not hit and isinstance(name, str):
+                _clean.add(name)
     return hit
 
 
@@ -62,7 +65,9 @@ def remember(value: str) -> None:
 
 def learn(value: Any) -> None:
     """Remember every string under a secret-named key of ``value`` (maps and lists, any depth)."""
-    if isinstance(value, dict):
+    if type(value) is dict:
+        if _flat_and_harmless(value):
+            return
         for key, item in value.items():
             if isinstance(item, str) and secret_name(key):
                 remember(item)
@@ -80,29 +85,63 @@ def learn_environment(environ: Mapping[str, str]) -> None:
             remember(value)
 
 
-def redact(value: Any) -> Any:
-    """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found."""
-    if isinstance(value, str):
-        return _text.sub(MARK, value) if _text is not None and _text.search(value) else value
-    if isinstance(value, dict):
-        return _redact_map(value)
-    if isinstance(value, (list, tuple)):
-        return _redact_items(value)
-    if isinstance(value, (bytes, bytearray)):
-        return _binary.sub(MARK.encode(), value) if _binary is not None and _binary.search(value) else value
+def redact(value: Any, encoded: bytes | None = None) -> Any:
+    """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found.
+
+    ``encoded``: ``value`` already packed as msgpack (a frame on its way out).  Strings lie
+    in it verbatim, so when no known secret occurs in it only key names are checked.
+    """
+    values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
+    return _redact_map(value, values) if type(value) is dict else _walk(value, values)
+
+
+def _walk(value: Any, values: bool) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return _redact_map(value, values)
+    if kind is list or kind is tuple:
+        return _redact_items(value, values)
+    if not values:
+        return value
+    if kind is str:
+        return _text.sub(MARK, value) if _text.search(value) else value  # type: ignore[union-attr]
+    if kind is bytes or kind is bytearray:
+        return _binary.sub(MARK.encode(), value) if _binary.search(value) else value  # type: ignore[union-attr]
     return value
 
 
-def _redact_map(value: dict) -> dict:
+_SECRET_VALUES = (str, bytes, dict, list)
+_CONTAINERS = (dict, list, tuple)
+_CONTAINER_TYPES = frozenset(_CONTAINERS)
+
+
+def _flat_and_harmless(value: dict) -> bool:
+    """No key that names a secret, and no nested map or list: checked at C speed (the common frame)."""
+    return value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values()))
+
+
+def _redact_map(value: dict, values: bool) -> dict:
+    if not values and value.keys() <= _clean:  # every key known harmless: only nested maps can hide one
+        if _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
+            return value
+        for item in value.values():
+            kind = type(item)
+            if (kind is dict and _redact_map(item, False) is not item) or (
+                    kind in _CONTAINERS and kind is not dict and _redact_items(item, False) is not item):
+                break  # a nested secret: the full pass below replaces it
+        else:
+            return value
     out = None
     for key, item in value.items():
-        if secret_name(key) and isinstance(item, (str, bytes, dict, list)) and item != MARK:
-            if isinstance(item, str):
+        if secret_name(key) and type(item) in _SECRET_VALUES and item != MARK:
+            if type(item) is str:
                 remember(item)
             new = MARK
+        elif values or type(item) in _CONTAINERS:
+            new = _walk(item, values)
         else:
-            new = redact(item)
-        new_key = redact(key) if isinstance(key, str) else key
+            continue
+        new_key = _walk(key, values) if values and type(key) is str else key
         if new is not item or new_key is not key:
             if out is None:
                 out = dict(value)
@@ -112,14 +151,13 @@ def _redact_map(value: dict) -> dict:
     return value if out is None else out
 
 
-def _redact_items(value: Iterable[Any]) -> Any:
+def _redact_items(value: Iterable[Any], values: bool) -> Any:
     items = list(value)
     changed = False
     for i, item in enumerate(items):
-        new = redact(item)
+        new = _walk(item, values)
         if new is not item:
             items[i], changed = new, True
     if not changed:
         return value
     return tuple(items) if isinstance(value, tuple) else items
-

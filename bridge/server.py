@@ -328,7 +328,7 @@ class Server:
         encoded, run_command, run = [], "", 0
         for command, rid, value in replies:
             try:
-                encoded.append(framing.encode_result(prefix, redact(rid), redact(value)))
+                encoded.append(framing.encode_result(prefix, redact(rid) if type(rid) is str else rid, redact(value)))
             except (TypeError, ValueError, OverflowError) as exc:
                 encoded.append(framing.encode(redact(_unsendable(rid, exc)), b"" if meta is None else framing.META_KEY + meta))
                 self.metrics.record(command, ms, ErrorType.HANDLER_ERROR, now)
