@@ -28,6 +28,7 @@ import dspy
 from dspy.evaluate.metrics import EM, F1, normalize_text
 from dspy.utils.callback import BaseCallback
 
+from .allowlist import checked_keywords
 from .context import Context, RequestClosed
 from .handlers.dspy import reported, run
 from .programs import Program, field_text, outputs
@@ -251,6 +252,7 @@ class Plan:
         params = {} if params is None else params
         if not isinstance(params, dict):
             raise ValueError("'params' must be a map of optimizer settings")
+        params = checked_keywords(f"dspy.{name}", params)  # no input() on the frame pipe; log_dir confined
         optimizer = getattr(dspy, name)
         init, compile_ = _keywords(optimizer.__init__), _keywords(optimizer.compile)
         unknown = set(params) - init - compile_

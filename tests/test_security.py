@@ -152,6 +152,21 @@ def test_save_and_load_work_inside_the_allowed_directory_only(lab):
     alive(w)
 
 
+@pytest.mark.parametrize("optimizer, params, reason", [
+    ("BootstrapFewShot", {"requires_permission_to_run": True}, "never allowed"),  # input() on the frame pipe
+    ("MIPROv2", {"log_dir": "/tmp/bridge-security-log"}, "outside the --allow-path"),
+])
+def test_optimizer_params_neither_read_the_terminal_nor_write_outside(lab, optimizer, params, reason):
+    w = lab["w"]
+    args = {"optimizer": optimizer, "params": params, "program": {"module": "Predict", "signature": "q -> a"},
+            "trainset": [{"inputs": {"q": "x"}, "outputs": {"a": "y"}}], "metric": "exact_match"}
+    err = fails(w, "dspy.optimize", args)
+    assert err.type == "forbidden" and reason in err.details["reason"]
+    assert not os.path.exists("/tmp/bridge-security-log")
+    no_markers(lab)
+    alive(w)
+
+
 # ---- 3. signatures ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, args, position", [
