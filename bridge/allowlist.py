@@ -42,7 +42,7 @@ REF_METHODS = frozenset({"forward", "acall", "dump_state", "load_state", "named_
                          "reset_copy", "compile", "save", "load"})
 REFUSED_FLAGS = ("allow_pickle", "save_program", "modules_to_serialize", "allow_unsafe_lm_state",
                  "requires_permission_to_run")  # pickles, custom LM classes, input() on the frame pipe
-PATH_KEYWORDS = ("path", "log_dir")
+PATH_KEYWORDS = ("path", "log_dir", "save_as_csv", "save_as_json")  # the last two: --allow dspy.Evaluate
 
 
 def forbidden(target: Any, reason: str) -> PeerError:
@@ -188,7 +188,7 @@ class Policy:
 
 def checked_keywords(target: Any, kwargs: dict[str, Any], method: Any = None) -> dict[str, Any]:
     """Keyword arguments for DSPy from a host (``call``, ``dspy.optimize`` params): flags that read
-    pickles or run code refused, paths (``path``, ``log_dir``) confined to ``--allow-path``."""
+    pickles or run code refused, paths (``PATH_KEYWORDS``) confined to ``--allow-path``."""
     for flag in REFUSED_FLAGS:
         if kwargs.get(flag):
             raise forbidden(target, f"'{flag}' is never allowed: it would read pickles or run code")

@@ -217,9 +217,9 @@ def test_a_transcript_cannot_load_handlers_or_widen_the_allow_list(tmp_path, mon
     assert "request 1 (call)" in diff and '"type":"forbidden"' in diff.replace(" ", "")
     assert "request 2" not in diff  # the worker still answered ping the same way
     notes = capsys.readouterr().err
-    assert "transcript option --handlers = [\"evil_handlers\"]: ignored" in notes
-    assert "transcript option --allow-module = [\"os\"]: ignored" in notes
-    assert "transcript option --max-frame-bytes = 4096: used" in notes
+    assert 'transcript option handlers = ["evil_handlers"] (--handlers): ignored' in notes
+    assert 'transcript option allow_modules = ["os"] (--allow-module): ignored' in notes
+    assert "transcript option max_frame_bytes = 4096 (--max-frame-bytes): used" in notes
     assert list(markers.iterdir()) == []
 
 
