@@ -81,8 +81,10 @@ class FrameWriter:
     def send(self, frame: dict, extra: bytes = b"") -> int:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
         returns its encoded size.  Never blocks.  Secrets are redacted here (``bridge.redact``)."""
-        frame = redact(frame)
         data = framing.encode(frame, extra)
+        hidden = redact(frame, data)
+        if hidden is not frame:
+            frame, data = hidden, framing.encode(hidden, extra)
         if self.tap is not None and not self.dead:
             self.tap(_decoded(data) if extra else frame)
         return self._append(data, 1)
