@@ -152,6 +152,8 @@ def _redact_map(value: dict, values: bool) -> dict:
 
 
 def _redact_items(value: Iterable[Any], values: bool) -> Any:
+    if not values and _CONTAINER_TYPES.isdisjoint(map(type, value)):  # scalars: no key to check
+        return value
     items = list(value)
     changed = False
     for i, item in enumerate(items):
