@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 MARK = "[REDACTED]"
 MIN_SECRET = 6
 MAX_SECRETS = 256
+MAX_DEPTH = 100  # maps and lists in maps and lists: deeper frames are refused (ValueError), never sent unchecked
 _NAME = re.compile(r"(key|token|secret|password|authorization)$", re.IGNORECASE)
 _NAMES_CACHED = 4096
 
@@ -64,18 +65,21 @@ def remember(value: str) -> None:
 
 
 def learn(value: Any) -> None:
-    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth)."""
-    if type(value) is dict:
-        if _flat_and_harmless(value):
-            return
-        for key, item in value.items():
-            if isinstance(item, str) and secret_name(key):
-                remember(item)
-            elif isinstance(item, (dict, list)):
-                learn(item)
-    elif isinstance(value, list):
-        for item in value:
-            learn(item)
+    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth:
+    iterative, so no input is too deep for it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if _flat_and_harmless(item):
+                continue
+            for key, inner in item.items():
+                if type(inner) is str and secret_name(key):
+                    remember(inner)
+                elif type(inner) in _CONTAINER_TYPES:
+                    stack.append(inner)
+        elif type(item) in _CONTAINER_TYPES:
+            stack.extend(inner for inner in item if type(inner) in _CONTAINER_TYPES)
 
 
 def learn_environment(environ: Mapping[str, str]) -> None:
@@ -92,15 +96,15 @@ def redact(value: Any, encoded: bytes | None = None) -> Any:
     in it verbatim, so when no known secret occurs in it only key names are checked.
     """
     values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
-    return _redact_map(value, values) if type(value) is dict else _walk(value, values)
+    return _redact_map(value, values, 0) if type(value) is dict else _walk(value, values, 0)
 
 
-def _walk(value: Any, values: bool) -> Any:
+def _walk(value: Any, values: bool, depth: int) -> Any:
     kind = type(value)
     if kind is dict:
-        return _redact_map(value, values)
+        return _redact_map(value, values, depth)
     if kind is list or kind is tuple:
-        return _redact_items(value, values)
+        return _redact_items(value, values, depth)
     if not values:
         return value
     if kind is str:
@@ -115,33 +119,33 @@ _CONTAINERS = (dict, list, tuple)
 _CONTAINER_TYPES = frozenset(_CONTAINERS)
 
 
+def _too_deep() -> ValueError:
+    """What msgpack raises for a value nested too deep, so callers handle both alike."""
+    return ValueError(f"nested deeper than {MAX_DEPTH} levels: too deep to check for secrets")
+
+
 def _flat_and_harmless(value: dict) -> bool:
     """No key that names a secret, and no nested map or list: checked at C speed (the common frame)."""
     return value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values()))
 
 
-def _redact_map(value: dict, values: bool) -> dict:
-    if not values and value.keys() <= _clean:  # every key known harmless: only nested maps can hide one
-        if _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
-            return value
-        for item in value.values():
-            kind = type(item)
-            if (kind is dict and _redact_map(item, False) is not item) or (
-                    kind in _CONTAINERS and kind is not dict and _redact_items(item, False) is not item):
-                break  # a nested secret: the full pass below replaces it
-        else:
-            return value
+def _redact_map(value: dict, values: bool, depth: int) -> dict:
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    harmless_keys = not values and value.keys() <= _clean  # C speed: the common frame ends here
+    if harmless_keys and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
+        return value
     out = None
     for key, item in value.items():
-        if secret_name(key) and type(item) in _SECRET_VALUES and item != MARK:
+        if not harmless_keys and secret_name(key) and type(item) in _SECRET_VALUES and item != MARK:
             if type(item) is str:
                 remember(item)
             new = MARK
         elif values or type(item) in _CONTAINERS:
-            new = _walk(item, values)
+            new = _walk(item, values, depth + 1)
         else:
             continue
-        new_key = _walk(key, values) if values and type(key) is str else key
+        new_key = _walk(key, values, depth) if values and type(key) is str else key
         if new is not item or new_key is not key:
             if out is None:
                 out = dict(value)
@@ -151,13 +155,15 @@ def _redact_map(value: dict, values: bool) -> dict:
     return value if out is None else out
 
 
-def _redact_items(value: Iterable[Any], values: bool) -> Any:
+def _redact_items(value: Iterable[Any], values: bool, depth: int) -> Any:
     if not values and _CONTAINER_TYPES.isdisjoint(map(type, value)):  # scalars: no key to check
         return value
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
     items = list(value)
     changed = False
     for i, item in enumerate(items):
-        new = _walk(item, values)
+        new = _walk(item, values, depth + 1)
         if new is not item:
             items[i], changed = new, True
     if not changed:

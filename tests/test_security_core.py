@@ -35,6 +35,16 @@ def test_redaction_by_value_covers_raw_and_stripped_secrets_everywhere():
     assert redact.redact("abcdef") == "abcdef"
 
 
+def test_redaction_is_linear_in_depth_and_refuses_beyond_its_limit():
+    value: object = {"api_key": "sk-nested-0000"}
+    for level in range(redact.MAX_DEPTH - 2):
+        value = [value] if level % 2 else {"k": value}
+    assert "sk-nested" not in repr(redact.redact(value))  # 2**49 walks if a level were walked twice
+    with pytest.raises(ValueError, match="too deep"):
+        redact.redact([[[value]]])
+    redact.learn([[[value]]])  # learning is iterative: no depth limit
+
+
 def test_the_operators_environment_keys_are_secrets():
     redact.learn_environment({"MY_SERVICE_TOKEN": "env-secret-98765", "HOME": "/root"})
     assert redact.redact("quoting env-secret-98765") == "quoting [REDACTED]"
