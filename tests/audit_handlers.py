@@ -21,6 +21,7 @@ WATCHED = ("exec", "import", "os.system", "os.posix_spawn", "os.spawn", "os.fork
            "pickle.find_class", "marshal.loads", "builtins.input", "ctypes.dlopen", "socket.connect")
 _PYTHON = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+_OWN_PROC = (f"/proc/{os.getpid()}/", "/proc/self/")  # the worker's reaper reads its own children there
 _events: list[str] = []
 _armed = False
 
@@ -29,7 +30,7 @@ def _suspicious_open(args: tuple[Any, ...]) -> bool:
     path, mode, flags = (list(args) + [None, None, None])[:3]
     writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & _WRITE)
     outside = isinstance(path, str) and not os.path.realpath(path).startswith(_PYTHON) \
-        and not path.startswith("/proc/self/") and not path.endswith(".py")  # source lines for a traceback
+        and not path.startswith(_OWN_PROC) and not path.endswith(".py")  # source lines for a traceback
     return bool(writes or outside)
 
 

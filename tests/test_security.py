@@ -154,6 +154,21 @@ def test_save_and_load_work_inside_the_allowed_directory_only(lab):
     alive(w)
 
 
+@pytest.mark.parametrize("optimizer, params, reason", [
+    ("BootstrapFewShot", {"requires_permission_to_run": True}, "never allowed"),  # input() on the frame pipe
+    ("MIPROv2", {"log_dir": "/tmp/bridge-security-log"}, "outside the --allow-path"),
+])
+def test_optimizer_params_neither_read_the_terminal_nor_write_outside(lab, optimizer, params, reason):
+    w = lab["w"]
+    args = {"optimizer": optimizer, "params": params, "program": {"module": "Predict", "signature": "q -> a"},
+            "trainset": [{"inputs": {"q": "x"}, "outputs": {"a": "y"}}], "metric": "exact_match"}
+    err = fails(w, "dspy.optimize", args)
+    assert err.type == "forbidden" and reason in err.details["reason"]
+    assert not os.path.exists("/tmp/bridge-security-log")
+    no_markers(lab)
+    alive(w)
+
+
 # ---- 3. signatures ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, args, position", [
@@ -204,9 +219,9 @@ def test_a_transcript_cannot_load_handlers_or_widen_the_allow_list(tmp_path, mon
     assert "request 1 (call)" in diff and '"type":"forbidden"' in diff.replace(" ", "")
     assert "request 2" not in diff  # the worker still answered ping the same way
     notes = capsys.readouterr().err
-    assert "transcript option --handlers = [\"evil_handlers\"]: ignored" in notes
-    assert "transcript option --allow-module = [\"os\"]: ignored" in notes
-    assert "transcript option --max-frame-bytes = 4096: used" in notes
+    assert 'transcript option handlers = ["evil_handlers"] (--handlers): ignored' in notes
+    assert 'transcript option allow_modules = ["os"] (--allow-module): ignored' in notes
+    assert "transcript option max_frame_bytes = 4096 (--max-frame-bytes): used" in notes
     assert list(markers.iterdir()) == []
 
 
@@ -233,6 +248,7 @@ def test_replay_paths_are_confined_regular_and_bounded(lab, tmp_path):
     thread.start()
     (files / "zero.jsonl").symlink_to("/dev/zero")
     (files / "big.jsonl").write_text('{"transcript": 1}\n' + " " * 200_000)
+    call(w, "dspy.Example")  # waits for the warm-up, whose DSPy import would count as growth below
     rss = w.call("stats")["rss_bytes"]
     cases = {str(fifo): ("forbidden", "not a regular file"), str(files / "zero.jsonl"): ("forbidden", "outside"),
              "/dev/zero": ("forbidden", "outside"), "/etc/passwd": ("forbidden", "outside"),
@@ -346,6 +362,7 @@ def test_a_secret_canary_appears_in_no_frame_log_line_or_transcript(tmp_path, pr
 
 def test_an_error_quotes_at_most_200_bytes_of_any_host_value(lab):
     w, huge = lab["w"], "x" * (8 * 2**20)
+    call(w, "dspy.Example")  # after the warm-up's DSPy import
     rss = w.call("stats")["rss_bytes"]
     w.send({"type": huge})
     frame = w.unrouted.get(timeout=30)
@@ -356,13 +373,32 @@ def test_an_error_quotes_at_most_200_bytes_of_any_host_value(lab):
             ("call", {"target": huge}, "forbidden"),
             ("release", {"ref": huge}, "unknown_ref"),
             ("program.create", {"signature": f"q: {huge} -> a"}, "bad_request")):
-        call = w.request(command, args, session_id=huge[:256])  # the longest session id allowed
+        request = w.request(command, args, session_id=huge[:256])  # the longest session id allowed
         with pytest.raises(RemoteError):
-            call.result()
-        assert call.terminal["error"]["type"] == kind
-        assert len(framing.encode(call.terminal)) < 4096, command[:20]
+            request.result()
+        assert request.terminal["error"]["type"] == kind
+        assert len(framing.encode(request.terminal)) < 4096, command[:20]
     assert w.call("stats")["rss_bytes"] - rss < 400 * 2**20
     alive(w)
+
+
+def nested(depth: int, leaf: Any) -> Any:
+    for level in range(depth):
+        leaf = [leaf] if level % 2 else {"k": leaf}
+    return leaf
+
+
+def test_a_deeply_nested_secret_is_neither_sent_nor_recorded_nor_a_hang(tmp_path):
+    record, secret = tmp_path / "deep.jsonl", "sk-deep-secret-0123456789"
+    with spawn(worker_env(tmp_path), "--record", str(record), stderr=subprocess.DEVNULL) as w:
+        shallow = w.call("echo", {"x": nested(60, {"api_key": secret})}, timeout=10)
+        assert secret not in json.dumps(shallow) and "[REDACTED]" in json.dumps(shallow)
+        for depth in (150, 1000):  # linear work per level, however deep; deeper than 100 is refused
+            err = fails(w, "echo", {"x": nested(depth, {"api_key": secret})})
+            assert err.type == "handler_error" and "too deep to check for secrets" in err.message
+        alive(w)
+        assert w.shutdown() == 0
+    assert secret not in record.read_text()
 
 
 # ---- the property: nothing outside the allow-list is ever invoked ---------------------------------

@@ -70,7 +70,8 @@ def _error(error: dict[str, Any]) -> Exception:
     from dspy._vendor.lm15 import errors
 
     name, message = error.get("type", ""), error.get("message", "")
-    cls = getattr(errors, name, None) or getattr(builtins, name, None)
+    public = isinstance(name, str) and not name.startswith("_")  # a transcript is data: no dunder lookups
+    cls = (getattr(errors, name, None) or getattr(builtins, name, None)) if public else None
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
             return cls(message)

@@ -43,7 +43,7 @@ REF_METHODS = frozenset({"forward", "acall", "dump_state", "load_state", "named_
                          "reset_copy", "compile", "save", "load"})
 REFUSED_FLAGS = ("allow_pickle", "save_program", "modules_to_serialize", "allow_unsafe_lm_state",
                  "requires_permission_to_run")  # pickles, custom LM classes, input() on the frame pipe
-PATH_KEYWORDS = ("path", "log_dir")
+PATH_KEYWORDS = ("path", "log_dir", "save_as_csv", "save_as_json")  # the last two: --allow dspy.Evaluate
 
 
 def forbidden(target: Any, reason: str) -> PeerError:
@@ -178,16 +178,22 @@ class Policy:
                   kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Refuse flags that read pickles or import code; confine paths (a ref's ``save``/``load``
         takes its path first); bound ``num_threads`` by ``--max-threads``."""
-        for flag in REFUSED_FLAGS:
-            if kwargs.get(flag):
-                raise forbidden(target, f"'{flag}' is never allowed: it would read pickles or run code")
         threads = kwargs.get("num_threads")
         if isinstance(threads, int) and threads > self.max_threads:
             raise PeerError(ErrorType.BAD_REQUEST, f"'num_threads' must be at most --max-threads={self.max_threads}")
-        kwargs = {k: (_path(v, method) if k in PATH_KEYWORDS else v) for k, v in kwargs.items()}
+        kwargs = checked_keywords(target, kwargs, method)
         if method in ("save", "load") and args:
             args = [_path(args[0], method), *args[1:]]
         return args, kwargs
+
+
+def checked_keywords(target: Any, kwargs: dict[str, Any], method: Any = None) -> dict[str, Any]:
+    """Keyword arguments for DSPy from a host (``call``, ``dspy.optimize`` params): flags that read
+    pickles or run code refused, paths (``PATH_KEYWORDS``) confined to ``--allow-path``."""
+    for flag in REFUSED_FLAGS:
+        if kwargs.get(flag):
+            raise forbidden(target, f"'{flag}' is never allowed: it would read pickles or run code")
+    return {k: (_path(v, k if k == "log_dir" else method) if k in PATH_KEYWORDS else v) for k, v in kwargs.items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,8 +220,8 @@ def _lookup(name: str) -> Any:
 
 
 def _path(value: Any, method: Any) -> str:
-    """A confined real path; a ref's ``save``/``load`` only of ``.json`` (never a pickle)."""
-    real = paths.confine(value) if method == "load" else paths.confine_new(value)
+    """A confined real path (a directory for ``log_dir``); a ref's ``save``/``load`` only of ``.json``."""
+    real = paths.confine(value) if method in ("load", "log_dir") else paths.confine_new(value)
     if method in ("save", "load") and not real.endswith(".json"):
         raise paths.forbidden(str(value), "save and load take .json files only (a pickle would run code)")
     return real

@@ -27,6 +27,7 @@ import dspy
 from dspy.evaluate.metrics import EM, F1, normalize_text
 from dspy.utils.callback import BaseCallback
 
+from bridge.programs.allowlist import checked_keywords
 from bridge.programs.program import Program, field_text, outputs
 from bridge.programs.runner import reported, run
 from bridge.programs.streaming import Relay
@@ -250,6 +251,7 @@ class Plan:
         params = {} if params is None else params
         if not isinstance(params, dict):
             raise ValueError("'params' must be a map of optimizer settings")
+        params = checked_keywords(f"dspy.{name}", params)  # no input() on the frame pipe; log_dir confined
         optimizer = getattr(dspy, name)
         init, compile_ = _keywords(optimizer.__init__), _keywords(optimizer.compile)
         unknown = set(params) - init - compile_

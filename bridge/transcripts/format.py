@@ -92,7 +92,7 @@ def replay_argv(head: dict[str, Any], given: dict[str, Any]) -> tuple[list[str],
             verdict = "used, with the value given to bridge replay"
         else:
             verdict = f"ignored (a transcript is data; give {flag} to bridge replay to use it)"
-        notes.append(f"bridge replay: transcript option {flag} = {json.dumps(value)}: {verdict}")
+        notes.append(f"bridge replay: transcript option {dest} = {json.dumps(value)} ({flag}): {verdict}")
     return argv, notes
 
 

@@ -36,8 +36,12 @@ def frame_fields(frame: Any, body: bytes) -> dict[str, Any]:
 
 def redacted(frame: dict) -> dict | None:
     """A host frame without its secrets (``wire.redact``), or None when it has none: a
-    transcript is meant to be shared, and replay never needs them."""
-    hidden = redact(frame)
+    transcript is meant to be shared, and replay never needs them.  A frame too deep to
+    check is not written at all, only its type."""
+    try:
+        hidden = redact(frame)
+    except ValueError as exc:
+        return {"type": frame.get("type") if isinstance(frame.get("type"), str) else None, "unchecked": str(exc)}
     return None if hidden is frame else hidden
 
 

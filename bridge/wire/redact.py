@@ -24,19 +24,16 @@ from typing import Any, Iterable, Mapping
 MARK = "[REDACTED]"
 MIN_SECRET = 6
 MAX_SECRETS = 256
+MAX_DEPTH = 100  # maps and lists in maps and lists: deeper frames are refused (ValueError), never sent unchecked
 _NAME = re.compile(r"(key|token|secret|password|authorization)$", re.IGNORECASE)
 _NAMES_CACHED = 4096
 
-
 _names: dict[Any, bool] = {}
+_clean: set[str] = set()  # key names known not to be secret ones (a C-speed subset test per map)
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
 _lock = threading.Lock()
 _text: re.Pattern[str] | None = None
 _binary: re.Pattern[bytes] | None = None
-_clean: dict[str, None] = {}  # short strings known to hold no secret (protocol words, keys): no search
-_CLEAN_CACHED, _CLEAN_LEN = 4096, 64
-_PLAIN = frozenset({int, float, bool, type(None)})
-_needles: list[bytes] = []  # the secrets as UTF-8, for binaries
 
 
 def secret_name(name: Any) -> bool:
@@ -46,6 +43,8 @@ def secret_name(name: Any) -> bool:
         hit = isinstance(name, str) and _NAME.search(name) is not None
         if len(_names) < _NAMES_CACHED:
             _names[name] = hit
+            if not hit and isinstance(name, str):
+                _clean.add(name)
     return hit
 
 
@@ -62,29 +61,25 @@ def remember(value: str) -> None:
             del _secrets[next(iter(_secrets))]
         ordered = sorted(_secrets, key=len, reverse=True)  # a longer secret wins over its own prefix
         _text = re.compile("|".join(map(re.escape, ordered)))
-        _clean.clear()
-        _needles[:] = [s.encode("utf-8", "surrogatepass") for s in ordered]
-        _binary = re.compile(b"|".join(map(re.escape, _needles)))
+        _binary = re.compile(b"|".join(re.escape(s.encode("utf-8", "surrogatepass")) for s in ordered))
 
 
 def learn(value: Any) -> None:
-    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth).
-    Runs for every request's arguments, so exact types are tested first."""
-    kind = type(value)
-    if kind is dict:
-        for key, item in value.items():
-            kind = type(item)
-            if kind is str:
-                if secret_name(key):
-                    remember(item)
-            elif kind is dict or kind is list or isinstance(item, (dict, list)):
-                learn(item)
-    elif kind is list or isinstance(value, list):
-        for item in value:
-            if type(item) is not str:
-                learn(item)
-    elif isinstance(value, dict):
-        learn(dict(value))
+    """Remember every string under a secret-named key of ``value`` (maps and lists, any depth:
+    iterative, so no input is too deep for it)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if _flat_and_harmless(item):
+                continue
+            for key, inner in item.items():
+                if type(inner) is str and secret_name(key):
+                    remember(inner)
+                elif type(inner) in _CONTAINER_TYPES:
+                    stack.append(inner)
+        elif type(item) in _CONTAINER_TYPES:
+            stack.extend(inner for inner in item if type(inner) in _CONTAINER_TYPES)
 
 
 def learn_environment(environ: Mapping[str, str]) -> None:
@@ -94,80 +89,63 @@ def learn_environment(environ: Mapping[str, str]) -> None:
             remember(value)
 
 
-def redact(value: Any) -> Any:
+def redact(value: Any, encoded: bytes | None = None) -> Any:
     """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found.
-    Every frame the worker writes goes through it, so dispatch is one lookup by exact type."""
-    walk = _BY_TYPE.get(type(value))
-    if walk is not None:
-        return walk(value)
-    if type(value) in _PLAIN:
+
+    ``encoded``: ``value`` already packed as msgpack (a frame on its way out).  Strings lie
+    in it verbatim, so when no known secret occurs in it only key names are checked.
+    """
+    values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
+    return _redact_map(value, values, 0) if type(value) is dict else _walk(value, values, 0)
+
+
+def _walk(value: Any, values: bool, depth: int) -> Any:
+    kind = type(value)
+    if kind is dict:
+        return _redact_map(value, values, depth)
+    if kind is list or kind is tuple:
+        return _redact_items(value, values, depth)
+    if not values:
         return value
-    if isinstance(value, str):
-        return _redact_text(value)
-    if isinstance(value, dict):
-        return _redact_map(value)
-    if isinstance(value, (list, tuple)):
-        return _redact_items(value)
-    if isinstance(value, (bytes, bytearray)):
-        return _redact_binary(value)
+    if kind is str:
+        return _text.sub(MARK, value) if _text.search(value) else value  # type: ignore[union-attr]
+    if kind is bytes or kind is bytearray:
+        return _binary.sub(MARK.encode(), value) if _binary.search(value) else value  # type: ignore[union-attr]
     return value
 
 
-def redact_frame(frame: dict) -> dict:
-    """``redact`` for a frame built by ``wire.protocol``: its keys and its ``type`` are protocol
-    words, never secrets, so only the other values are walked (a chunk of an int costs a
-    few type checks)."""
-    out = None
-    for key, item in frame.items():
-        walk = _BY_TYPE.get(type(item))
-        if walk is None:
-            if key == "type" or type(item) in _PLAIN:
-                continue
-            walk = redact
-        new = walk(item)
-        if new is not item:
-            if out is None:
-                out = dict(frame)
-            out[key] = new
-    return frame if out is None else out
+_SECRET_VALUES = (str, bytes, dict, list)
+_CONTAINERS = (dict, list, tuple)
+_CONTAINER_TYPES = frozenset(_CONTAINERS)
 
 
-def _redact_binary(value: bytes | bytearray) -> bytes | bytearray:
-    """A few secrets are looked for one by one (a substring search is far faster than the
-    alternation over a large payload); many, with the compiled alternation."""
-    if _binary is None:
-        return value
-    if len(_needles) <= 8 and not any(needle in value for needle in _needles):
-        return value
-    return _binary.sub(MARK.encode(), value) if _binary.search(value) else value
+def _too_deep() -> ValueError:
+    """What msgpack raises for a value nested too deep, so callers handle both alike."""
+    return ValueError(f"nested deeper than {MAX_DEPTH} levels: too deep to check for secrets")
 
 
-def _redact_text(value: str) -> str:
-    if _text is None or value in _clean:
-        return value
-    if _text.search(value):
-        return _text.sub(MARK, value)
-    if len(value) <= _CLEAN_LEN and len(_clean) < _CLEAN_CACHED:
-        _clean[value] = None
-    return value
+def _flat_and_harmless(value: dict) -> bool:
+    """No key that names a secret, and no nested map or list: checked at C speed (the common frame)."""
+    return value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values()))
 
 
-def _redact_map(value: dict) -> dict:
-    if not value:
+def _redact_map(value: dict, values: bool, depth: int) -> dict:
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    harmless_keys = not values and value.keys() <= _clean  # C speed: the common frame ends here
+    if harmless_keys and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
         return value
     out = None
-    names, clean = _names, _clean
     for key, item in value.items():
-        hit = names.get(key)
-        if hit is None:
-            hit = secret_name(key)
-        if hit and isinstance(item, (str, bytes, dict, list)) and item != MARK:
-            if isinstance(item, str):
+        if not harmless_keys and secret_name(key) and type(item) in _SECRET_VALUES and item != MARK:
+            if type(item) is str:
                 remember(item)
             new = MARK
+        elif values or type(item) in _CONTAINERS:
+            new = _walk(item, values, depth + 1)
         else:
-            new = item if type(item) in _PLAIN else redact(item)
-        new_key = key if _text is None or key in clean or type(key) is not str else _redact_text(key)
+            continue
+        new_key = _walk(key, values, depth) if values and type(key) is str else key
         if new is not item or new_key is not key:
             if out is None:
                 out = dict(value)
@@ -177,22 +155,17 @@ def _redact_map(value: dict) -> dict:
     return value if out is None else out
 
 
-def _redact_items(value: list | tuple) -> Any:
-    if not value:
+def _redact_items(value: Iterable[Any], values: bool, depth: int) -> Any:
+    if not values and _CONTAINER_TYPES.isdisjoint(map(type, value)):  # scalars: no key to check
         return value
-    out = None
-    for i, item in enumerate(value):
-        if type(item) in _PLAIN:
-            continue
-        new = redact(item)
+    if depth >= MAX_DEPTH:
+        raise _too_deep()
+    items = list(value)
+    changed = False
+    for i, item in enumerate(items):
+        new = _walk(item, values, depth + 1)
         if new is not item:
-            if out is None:
-                out = list(value)
-            out[i] = new
-    if out is None:
+            items[i], changed = new, True
+    if not changed:
         return value
-    return tuple(out) if isinstance(value, tuple) else out
-
-
-_BY_TYPE: dict[type, Any] = {str: _redact_text, dict: _redact_map, list: _redact_items, tuple: _redact_items,
-                             bytes: _redact_binary, bytearray: _redact_binary}
+    return tuple(items) if isinstance(value, tuple) else items

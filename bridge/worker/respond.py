@@ -76,7 +76,11 @@ class Responder:
         encoded, run_command, run = [], "", 0
         for command, rid, value in replies:
             try:
-                encoded.append(framing.encode_result(prefix, redact(rid), redact(value)))
+                data = framing.encode_result(prefix, rid, value)
+                clean = redact(value, data)
+                if clean is not value or (type(rid) is str and redact(rid, data) is not rid):  # hide a secret
+                    data = framing.encode_result(prefix, redact(rid), clean)
+                encoded.append(data)
             except (TypeError, ValueError, OverflowError) as exc:
                 encoded.append(framing.encode(redact(_unsendable(rid, exc)), b"" if meta is None else framing.META_KEY + meta))
                 self.metrics.record(command, ms, ErrorType.HANDLER_ERROR, now)

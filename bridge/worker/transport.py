@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from bridge.wire import framing
-from bridge.wire.redact import redact_frame
+from bridge.wire.redact import redact
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
@@ -81,8 +81,10 @@ class FrameWriter:
     def send(self, frame: dict, extra: bytes = b"") -> int:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
         returns its encoded size.  Never blocks.  Secrets are redacted here (``wire.redact``)."""
-        frame = redact_frame(frame)
         data = framing.encode(frame, extra)
+        hidden = redact(frame, data)
+        if hidden is not frame:
+            frame, data = hidden, framing.encode(hidden, extra)
         if self.tap is not None and not self.dead:
             self.tap(_decoded(data) if extra else frame)
         return self._append(data, 1)

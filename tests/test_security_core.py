@@ -1,0 +1,144 @@
+"""The trust boundary's pieces in-process: redaction, bounded quoting, type names, confined paths, the policy."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+import pytest
+
+from bridge.commands.dspy import _url_under
+from bridge.programs.allowlist import Policy
+from bridge.programs.typenames import SignatureError, resolve_text, string_fields
+from bridge.wire import framing, protocol, redact
+from bridge.wire.errors import PeerError
+from bridge.worker import paths
+
+
+def test_redaction_by_name_keeps_clean_values_as_the_same_object():
+    frame = {"type": "chunk", "id": 1, "data": {"event": "token", "text": "Paris", "max_tokens": 5}}
+    assert redact.redact(frame, framing.encode(frame)) is frame
+    hidden = redact.redact({"args": {"API_KEY": "k1234567", "x-auth-token": ["a"], "Authorization": "Bearer zz",
+                                     "password": None, "monkey": 3}})
+    assert hidden == {"args": {"API_KEY": "[REDACTED]", "x-auth-token": "[REDACTED]", "Authorization": "[REDACTED]",
+                               "password": None, "monkey": 3}}
+
+
+def test_redaction_by_value_covers_raw_and_stripped_secrets_everywhere():
+    redact.learn({"lm": {"api_key": "sk-core-test-4711\n"}})
+    text = "Incorrect API key provided: sk-core-test-4711"
+    assert redact.redact(text) == "Incorrect API key provided: [REDACTED]"
+    assert redact.redact([b"x sk-core-test-4711\n"]) == [b"x [REDACTED]"]
+    assert redact.redact({"sk-core-test-4711": 1}) == {"[REDACTED]": 1}
+    frame = {"type": "error", "error": {"message": text}}
+    assert redact.redact(frame, framing.encode(frame))["error"]["message"].endswith("[REDACTED]")
+    redact.learn({"token": "abc"})  # shorter than MIN_SECRET: by name only, or every "abc" would go
+    assert redact.redact("abcdef") == "abcdef"
+
+
+def test_redaction_is_linear_in_depth_and_refuses_beyond_its_limit():
+    value: object = {"api_key": "sk-nested-0000"}
+    for level in range(redact.MAX_DEPTH - 2):
+        value = [value] if level % 2 else {"k": value}
+    assert "sk-nested" not in repr(redact.redact(value))  # 2**49 walks if a level were walked twice
+    with pytest.raises(ValueError, match="too deep"):
+        redact.redact([[[value]]])
+    redact.learn([[[value]]])  # learning is iterative: no depth limit
+
+
+def test_the_operators_environment_keys_are_secrets():
+    redact.learn_environment({"MY_SERVICE_TOKEN": "env-secret-98765", "HOME": "/root"})
+    assert redact.redact("quoting env-secret-98765") == "quoting [REDACTED]"
+    assert redact.redact("/root") == "/root"
+
+
+def test_error_frames_quote_host_values_bounded():
+    huge = "é" * 10_000
+    frame = protocol.error(1, "bad_request", "m" * 10_000, {"value": huge, "n": 1}, "t" * 100_000)
+    err = frame["error"]
+    assert len(err["message"].encode()) <= protocol.MESSAGE_BYTES + 3
+    assert len(err["traceback"].encode()) <= 8 * protocol.MESSAGE_BYTES + 3
+    assert err["details"]["value"].endswith("…") and len(err["details"]["value"].encode()) <= 203
+    assert err["details"]["length"] == len(huge.encode()) and err["details"]["n"] == 1
+    assert len(protocol.quote(b"\x00" * 10**7)) < 1000 and len(protocol.quote([huge] * 100)) < 300
+
+
+@pytest.mark.parametrize("signature, kind, position", [
+    ("q: os -> a", "os", 3),
+    ("q -> a: list[sys.modules]", "sys.modules", 13),
+    ("é: int, x: Field(default=1) -> a", "Field(default=1)", 11),
+    ("q: __import__('os') -> a", "__import__('os')", 3),
+    ("q: typing.Any -> a", "typing.Any", 3),
+])
+def test_unknown_type_names_are_located(signature, kind, position):
+    with pytest.raises(SignatureError) as info:
+        string_fields(signature)
+    assert info.value.details == {"type": kind, "position": position}
+
+
+def test_the_type_table_builds_the_types_dspy_would():
+    import typing
+
+    import dspy
+
+    fields = string_fields("a, b: list[str], c: Optional[int] -> d: dict[str, Any], e: Literal['x', 2], "
+                           "f: int | None, g: tuple[int, ...], h: dspy.Image")
+    types = {name: annotation for name, (annotation, _) in fields.items()}
+    assert types == {"a": str, "b": list[str], "c": typing.Optional[int], "d": dict[str, typing.Any],
+                     "e": typing.Literal["x", 2], "f": typing.Optional[int], "g": tuple[int, ...], "h": dspy.Image}
+    assert resolve_text("dspy.Code['python']", "outputs.x").__name__ == "Code_python"
+    with pytest.raises(SignatureError):
+        resolve_text("Optional", "inputs.q")
+
+
+def test_paths_are_confined_to_allowed_directories(tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (outside / "secret.json").write_text("{}")
+    (allowed / "link.json").symlink_to(outside / "secret.json")
+    (allowed / "ok.json").write_text('{"a": 1}')
+    before = paths.policy()
+    try:
+        paths.configure([str(allowed)], max_bytes=5)
+        assert paths.confine(str(allowed / "sub" / ".." / "ok.json")) == str((allowed / "ok.json").resolve())
+        for bad in (str(allowed / "link.json"), str(allowed / ".." / "outside" / "secret.json"), "/etc/passwd"):
+            with pytest.raises(PeerError) as info:
+                paths.confine(bad)
+            assert info.value.type == "forbidden" and info.value.details["path"] == bad
+        with pytest.raises(PeerError) as info:
+            paths.read_file(str(allowed / "ok.json"))
+        assert info.value.type == "bad_request" and info.value.details["limit"] == 5
+        paths.configure([str(allowed)])
+        assert paths.read_file(str(allowed / "ok.json")) == b'{"a": 1}'
+        with pytest.raises(PeerError) as info:
+            paths.confine_new(str(allowed))  # a directory is not a file to write
+        assert info.value.details["reason"] == "not a regular file"
+    finally:
+        paths.configure(before.dirs, before.max_bytes)
+
+
+def test_api_base_prefixes_compare_scheme_host_port_and_path():
+    prefix = urlsplit("http://127.0.0.1:8000/v1")
+    assert _url_under(urlsplit("http://127.0.0.1:8000/v1/chat"), prefix)
+    assert _url_under(urlsplit("http://127.0.0.1:8000/v1"), prefix)
+    for url in ("http://127.0.0.1:8000/v10", "http://127.0.0.1.evil.example:8000/v1", "https://127.0.0.1:8000/v1",
+                "http://127.0.0.1:9000/v1", "http://127.0.0.1:bad/v1"):
+        assert not _url_under(urlsplit(url), prefix), url
+
+
+def test_the_policy_allows_table_names_and_instances_of_their_exact_classes():
+    import dspy
+
+    policy = Policy()
+    assert policy.target("dspy.Predict") is dspy.Predict
+    predict = dspy.Predict("q -> a")
+    assert policy.method(predict, "dump_state", "t").__func__ is type(predict).dump_state
+    predict.dump_state = print  # an attribute on the instance is not the class's method
+    with pytest.raises(PeerError):
+        policy.method(predict, "dump_state", "t")
+    assert not policy.may_keep(exec) and not policy.may_keep(os) and policy.may_keep(predict)
+    assert not policy.allowed_instance(dspy.ProgramOfThought("q -> a"))
+    with pytest.raises(PeerError) as info:
+        policy.arguments("t", "load", ["/tmp/x.json"], {"allow_unsafe_lm_state": True})
+    assert info.value.type == "forbidden"
