@@ -12,7 +12,7 @@ from typing import Any
 
 from bridge.lm.engines import build_lm
 from bridge.programs.program import build_program, load_program, outputs
-from bridge.programs.runner import bad_request, concurrency, dspy_error, in_thread, new_ref, run, session_lm, stored
+from bridge.programs.runner import bad_request, concurrency, dspy_error, new_ref, on_loop, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
 from bridge.worker.context import Context
 from bridge.worker.registry import REGISTRY, handler
@@ -97,7 +97,7 @@ async def batch(args: dict, ctx: Context) -> dict[str, int]:
 
     async def one(index: int) -> None:
         try:
-            chunk = {"event": "item", "index": index, "outputs": outputs(await in_thread(ctx, program, items[index], lm))}
+            chunk = {"event": "item", "index": index, "outputs": outputs(await on_loop(program, items[index], lm))}
         except Exception as exc:
             counts["failed"] += 1
             error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)
