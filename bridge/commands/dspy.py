@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.lm.engines import build_lm
+import anyio
+
+from bridge.lm.engines import build_lm, option_warnings, preload_litellm
 from bridge.programs.program import build_program, load_program, outputs
 from bridge.programs.runner import bad_request, concurrency, dspy_error, new_ref, on_loop, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
@@ -24,16 +26,24 @@ def warm_up() -> None:
     """Import DSPy and every module that needs it after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
-    from bridge.lm import scripted  # noqa: F401
+    from bridge.lm import engines, scripted  # noqa: F401
     from bridge.programs import calls, optimize, pipelines, react, streaming  # noqa: F401
+
+    engines.install_connection_limit()
 
 
 # ---- language models ----------------------------------------------------------------
 
 @handler("lm.configure", needs_dspy=True)
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
-    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines)."""
+    """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines).
+
+    With ``engine: "litellm"``, LiteLLM is loaded first, in a thread (about 6 s, once).
+    Options nobody knows come back as ``warnings``; they still reach the provider.
+    """
     options = {k: v for k, v in args.items() if k not in ("model", "price")}
+    if options.get("engine") == "litellm":
+        await anyio.to_thread.run_sync(preload_litellm, limiter=ctx.shared.threads)
     try:
         lm = build_lm(args.get("model"), options)
     except (ValueError, TypeError) as exc:
@@ -42,7 +52,11 @@ async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
         lm.bridge_price = price_option(args["price"])  # read by observe.lm_usage when DSPy cannot price a call
     session = ctx.session
     session.lm = lm
-    return {"model": lm.model, "session_id": session.id}
+    reply: dict[str, Any] = {"model": lm.model, "session_id": session.id}
+    warnings = option_warnings(options)
+    if warnings:
+        reply["warnings"] = warnings
+    return reply
 
 
 def price_option(price: Any) -> tuple[float, float]:

@@ -1,0 +1,239 @@
+"""Real LM providers: the worker process against a local OpenAI-compatible server (tests/lmserver.py),
+through both DSPy engines, the default (lm15) and ``engine: "litellm"``.
+
+Nothing leaves 127.0.0.1.  DSPy's real HTTP clients, adapters, streaming and
+ReAct run; only the server at the other end is ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+
+import pytest
+
+from bridge import RemoteError
+from tests.conftest import spawn
+from tests.lmserver import LMServer
+
+QA = "question -> answer"
+ENGINES = ["lm15", "litellm"]
+TOOLS = [{"name": "lookup", "description": "Look a city up.",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+_names = itertools.count(1)
+assert time.get_clock_info("perf_counter").implementation == time.get_clock_info("monotonic").implementation
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LMServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def w():
+    with tempfile.TemporaryFile("w+") as log, spawn(stderr=log, tools={"lookup": lambda city: f"{city}: 2.1M people"}) as worker:
+        yield worker
+        assert worker.unrouted.empty(), worker.unrouted.get()
+
+
+def lm_args(server: LMServer, engine: str, model: str, key: str = "sk-test", **extra) -> dict:
+    args = {"model": f"openai/{model}", "api_base": server.url, "api_key": key, "num_retries": 0, "cache": False,
+            **extra}
+    return {**args, "engine": "litellm"} if engine == "litellm" else args
+
+
+def setup(w, server, engine, script, *, key: str = "sk-test", lm: dict | None = None, **pacing) -> tuple[str, str]:
+    """A fresh server model and a fresh session whose LM it is: ``(session_id, model)``."""
+    name = f"m{next(_names)}"
+    server.add(name, script, key=key, **pacing)
+    session = f"{engine}-{name}"
+    w.call("lm.configure", lm_args(server, engine, name, key, **(lm or {})), session_id=session, timeout=60)
+    return session, name
+
+
+def always(reply: dict) -> list:
+    return [{"when": {}, "reply": reply}]
+
+
+# ---- the four program shapes --------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_predict_and_usage_equal_to_the_servers(w, server, engine):
+    session, model = setup(w, server, engine, always({"answer": "Paris"}))
+    call = w.request("dspy.predict", {"signature": QA, "inputs": {"question": "Capital of France?"}},
+                     session_id=session)
+    assert call.result() == {"outputs": {"answer": "Paris"}}
+    [reply] = server.events("reply", model)
+    lm = call.terminal["meta"]["lm"]
+    assert (lm["calls"], lm["input_tokens"], lm["output_tokens"]) == (
+        1, reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stream_tokens_arrive_while_the_server_is_still_sending(w, server, engine):
+    answer = "one two three four five six seven eight"
+    session, model = setup(w, server, engine, always({"answer": answer}), token_delay_ms=60)
+    call = w.request("dspy.stream", {"signature": QA, "inputs": {"question": "count"}}, session_id=session)
+    chunks = list(call)
+    assert "".join(c["text"] for c in chunks if c.get("event") == "token") == answer
+    [request] = server.events("request", model)
+    [reply] = server.events("reply", model)
+    assert request["stream"] and request["include_usage"]
+    firsts = [t for t, f in zip(call.arrivals, call.frames) if f["type"] == "chunk" and f["data"]["event"] == "token"]
+    assert firsts[0] < reply["t"] - 0.2, "the first token came only after the server had finished"
+    assert firsts[-1] - firsts[0] > 0.2
+    lm = call.terminal["meta"]["lm"]
+    assert (lm["input_tokens"], lm["output_tokens"]) == (reply["usage"]["prompt_tokens"],
+                                                        reply["usage"]["completion_tokens"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_react_with_a_host_tool(w, server, engine):
+    script = [{"next_thought": "Look it up.", "next_tool_name": "lookup", "next_tool_args": {"city": "Paris"}},
+              {"next_thought": "Done.", "next_tool_name": "finish", "next_tool_args": {}},
+              {"reasoning": "The tool said so.", "answer": "2.1M"}]
+    session, model = setup(w, server, engine, script)
+    call = w.request("dspy.react", {"signature": QA, "inputs": {"question": "Population of Paris?"},
+                                    "tools": TOOLS}, session_id=session)
+    chunks = list(call)
+    assert call.result()["outputs"]["answer"] == "2.1M"
+    assert [c for c in chunks if c["event"] == "observation"][0]["result"] == "Paris: 2.1M people"
+    assert len(server.events("reply", model)) == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_batch_with_a_failing_item(w, server, engine):
+    script = [{"when": {"question": "a"}, "reply": {"answer": "A"}}, {"when": {"question": "c"}, "reply": {"answer": "C"}}]
+    session, model = setup(w, server, engine, script)
+    call = w.request("dspy.batch", {"signature": QA, "items": [{"question": q} for q in "abc"], "concurrency": 3},
+                     session_id=session)
+    chunks = list(call)
+    assert call.result() == {"total": 3, "succeeded": 2, "failed": 1}
+    by_index = {c["index"]: c for c in chunks}
+    assert by_index[0]["outputs"] == {"answer": "A"} and by_index[2]["outputs"] == {"answer": "C"}
+    assert by_index[1]["event"] == "item_error" and by_index[1]["error"]["type"] == "lm_error"
+    assert call.terminal["meta"]["lm"]["calls"] == 3 and call.terminal["meta"]["lm"]["failed"] == 1
+
+
+# ---- cost ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cost_from_the_price_option(w, server, engine):
+    price = {"input_per_mtok": 2.0, "output_per_mtok": 10.0}
+    session, model = setup(w, server, engine, always({"answer": "x"}), lm={"price": price})
+    call = w.request("dspy.predict", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    call.result()
+    [reply] = server.events("reply", model)
+    usage = reply["usage"]
+    expected = (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 10.0) / 1e6
+    assert call.terminal["meta"]["lm"]["cost_usd"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cost_from_dspys_price_table(w, server, engine):
+    server.add("gpt-4o-mini", always({"answer": "x"}))
+    session = f"{engine}-priced"
+    w.call("lm.configure", lm_args(server, engine, "gpt-4o-mini"), session_id=session, timeout=60)
+    call = w.request("dspy.predict", {"signature": QA, "inputs": {"question": f"priced {engine}"}},
+                     session_id=session)
+    call.result()
+    lm = call.terminal["meta"]["lm"]
+    assert lm["cost_usd"] is not None and lm["cost_usd"] > 0
+
+
+# ---- cancel and timeout close the provider's connection --------------------------------------
+
+def _slow_request(w, session, command: str) -> dict:
+    program = {"signature": QA}
+    inputs = {"question": "slow"}
+    return {
+        "dspy.predict": {**program, "inputs": inputs},
+        "dspy.stream": {**program, "inputs": inputs},
+        "dspy.batch": {**program, "items": [inputs, inputs], "concurrency": 2},
+        "dspy.react": {**program, "inputs": inputs, "tools": TOOLS},
+        "program.call": {"ref": w.call("program.create", {**program, "module": "Predict"}, session_id=session)["ref"] if command ==
+                         "program.call" else None, "inputs": inputs},
+        "pipeline.run": {"steps": [{"name": "ask", "signature": QA}], "inputs": inputs},
+        "dspy.evaluate": {"program": program, "devset": [{"inputs": inputs, "outputs": {"answer": "x"}}],
+                          "metric": "exact_match"},
+    }[command]
+
+
+COMMANDS = ["dspy.predict", "dspy.stream", "dspy.batch", "dspy.react", "program.call", "pipeline.run",
+            "dspy.evaluate"]
+
+
+@pytest.mark.parametrize("engine,command", [("lm15", c) for c in COMMANDS] + [("litellm", "dspy.predict"),
+                                                                                ("litellm", "dspy.stream")])
+def test_cancel_closes_the_providers_connection(w, server, engine, command):
+    session, model = setup(w, server, engine, always({"answer": "late"}), first_byte_ms=30_000)
+    call = w.request(command, _slow_request(w, session, command), session_id=session)
+    server.wait_for(lambda log: any(e["event"] == "request" and e["model"] == model for e in log))
+    sent = time.monotonic()
+    call.cancel()
+    with pytest.raises(RemoteError) as info:
+        call.result()
+    assert info.value.type == "cancelled"
+    gone = server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
+    assert gone[0]["t"] - sent < 0.05, f"the connection closed {gone[0]['t'] - sent:.3f} s after the cancel"
+    assert w.call("ping")["pong"] is True
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_timeout_closes_the_providers_connection(w, server, engine):
+    session, model = setup(w, server, engine, always({"answer": "late"}), first_byte_ms=30_000)
+    sent = time.monotonic()
+    call = w.request("dspy.predict", {"signature": QA, "inputs": {"question": "slow"}}, session_id=session,
+                     timeout_ms=500)
+    with pytest.raises(RemoteError) as info:
+        call.result()
+    assert info.value.type == "timeout"
+    [gone] = server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
+    assert 0.5 <= gone["t"] - sent < 0.55 + 0.05
+    lm = call.terminal["meta"]["lm"]
+    assert (lm["calls"], lm["cancelled"], lm["input_tokens"]) == (1, 1, 0)
+
+
+# ---- faults ----------------------------------------------------------------------------------
+
+# DSPy's error code for each fault, per engine (docs/providers.md has the table): LiteLLM calls
+# most failures "server"; lm15 tells a malformed reply ("provider") from a cut connection.
+FAULTS = {
+    "lm15": {("500", False): "server", ("429", False): "rate_limit", ("bad_json", False): "provider",
+             ("drop", False): "transport", ("bad_sse", True): "unexpected", ("drop", True): "transport"},
+    "litellm": {("500", False): "server", ("429", False): "rate_limit", ("bad_json", False): "server",
+                ("drop", False): "server", ("bad_sse", True): "server", ("drop", True): "server"},
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fault,stream", list(FAULTS["lm15"]))
+def test_every_fault_is_an_lm_error_and_the_worker_lives(w, server, engine, fault, stream):
+    session, model = setup(w, server, engine, always({"answer": "fine"}))
+    server.fault(model, fault)
+    command = "dspy.stream" if stream else "dspy.predict"
+    call = w.request(command, {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    with pytest.raises(RemoteError) as info:
+        call.result()
+    assert info.value.type == "lm_error", info.value.frame
+    assert info.value.details["code"] == FAULTS[engine][fault, stream], info.value.frame
+    assert call.terminal["meta"]["lm"]["failed"] == 1
+    assert w.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}},
+                  session_id=session) == {"outputs": {"answer": "fine"}}
+
+
+# ---- sessions ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_sessions_keep_their_model_and_key(w, server, engine):
+    first, model_a = setup(w, server, engine, always({"answer": "from a"}), key="key-a")
+    second, model_b = setup(w, server, engine, always({"answer": "from b"}), key="key-b")
+    calls = [w.request("dspy.predict", {"signature": QA, "inputs": {"question": f"q{i}"}}, session_id=s)
+             for i in range(4) for s in (first, second)]
+    answers = [c.result()["outputs"]["answer"] for c in calls]
+    assert answers == ["from a", "from b"] * 4
+    assert {e["auth"] for e in server.events("request", model_a)} == {"Bearer key-a"}
+    assert {e["auth"] for e in server.events("request", model_b)} == {"Bearer key-b"}
+    assert len(server.events("reply", model_a)) == len(server.events("reply", model_b)) == 4
