@@ -130,3 +130,9 @@ def inline_unserializable(args: dict, ctx) -> object:
 @handler("test.inline_raise", inline=True)
 def inline_raise(args: dict, ctx) -> None:
     raise ValueError("inline boom")
+
+
+@handler("test.loaded", inline=True)
+def loaded(args: dict, ctx) -> dict:
+    """Which of ``modules`` the worker has imported (what a warm-up loaded off the loop)."""
+    return {name: name in sys.modules for name in args["modules"]}

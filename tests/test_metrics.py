@@ -94,8 +94,7 @@ def test_scripted_lm_usage_is_reported(w):
     configure, _ = timed(w, "lm.configure", {"model": "scripted/m", "script": [
         {"answer": "1"}, {"answer": "2"}, {"answer": "3"}, {"answer": "4"}]}, session_id=sid)
     assert configure.terminal["meta"]["lm"] == {"calls": 0, "input_tokens": 0, "output_tokens": 0,
-                                                "cost_usd": None, "cache_hits": 0, "cancelled": 0, "failed": 0,
-                                                "cached_input_tokens": 0, "cached_output_tokens": 0}
+                                                "cost_usd": None, "cache_hits": 0, "cancelled": 0, "failed": 0}
     call, _ = timed(w, "dspy.predict", {"signature": "question -> answer", "inputs": {"question": "q"}},
                     session_id=sid)
     lm = call.terminal["meta"]["lm"]

@@ -237,3 +237,104 @@ def test_two_sessions_keep_their_model_and_key(w, server, engine):
     assert {e["auth"] for e in server.events("request", model_a)} == {"Bearer key-a"}
     assert {e["auth"] for e in server.events("request", model_b)} == {"Bearer key-b"}
     assert len(server.events("reply", model_a)) == len(server.events("reply", model_b)) == 4
+
+
+# ---- lm.configure's options ----------------------------------------------------------------
+
+def test_unknown_options_come_back_as_warnings(w, server):
+    name = f"m{next(_names)}"
+    server.add(name, always({"answer": "x"}))
+    reply = w.call("lm.configure", lm_args(server, "lm15", name, temprature=0.2, temperature=0.1, drop_params=True),
+                   session_id=f"warn-{name}")
+    assert reply["warnings"] == [
+        {"option": "drop_params", "message": "'drop_params' is an option neither DSPy nor its native client "
+                                             "knows; it was passed to the provider as is"},
+        {"option": "temprature", "did_you_mean": "temperature",
+         "message": "'temprature' is an option neither DSPy nor its native client knows; it was passed to the "
+                    "provider as is"}]
+    reply = w.call("lm.configure", lm_args(server, "litellm", name, drop_params=True, max_connections=5,
+                                           stream_usage=False, price={"input_per_mtok": 1, "output_per_mtok": 1}),
+                   session_id=f"warn-{name}", timeout=60)
+    assert "warnings" not in reply
+
+
+@pytest.mark.parametrize("option,value", [("max_connections", 0), ("max_connections", True),
+                                          ("stream_usage", "no")])
+def test_bad_connection_options_are_bad_requests(w, server, option, value):
+    with pytest.raises(RemoteError) as info:
+        w.call("lm.configure", lm_args(server, "lm15", "m", **{option: value}), session_id="bad-options")
+    assert info.value.type == "bad_request" and option in info.value.message
+
+
+def _most_at_once(server: LMServer, model: str) -> int:
+    edges = sorted([(e["t"], 1) for e in server.events("request", model)] +
+                   [(e["t"], -1) for e in server.events("reply", model)])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_max_connections_bounds_the_native_clients_connections(w, server):
+    session, model = setup(w, server, "lm15", always({"answer": "x"}), first_byte_ms=200,
+                           lm={"max_connections": 2})
+    calls = [w.request("dspy.predict", {"signature": QA, "inputs": {"question": f"q{i}"}}, session_id=session)
+             for i in range(6)]
+    assert all(c.result()["outputs"] == {"answer": "x"} for c in calls)
+    assert _most_at_once(server, model) == 2
+    session, model = setup(w, server, "lm15", always({"answer": "x"}), first_byte_ms=200)
+    calls = [w.request("dspy.predict", {"signature": QA, "inputs": {"question": f"q{i}"}}, session_id=session)
+             for i in range(6)]
+    assert all(c.result()["outputs"] == {"answer": "x"} for c in calls)
+    assert _most_at_once(server, model) == 6
+
+
+def test_stream_usage_off_stops_asking_litellm_for_it(w, server):
+    session, model = setup(w, server, "litellm", always({"answer": "x y"}), lm={"stream_usage": False})
+    list(w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session))
+    [request] = server.events("request", model)
+    assert request["stream"] and not request["stream_options"]
+
+
+def test_litellm_and_its_first_stream_imports_load_before_lm_configure_answers(server):
+    modules = ["litellm", "litellm.litellm_core_utils.default_encoding", "tiktoken_ext.openai_public"]
+    with tempfile.TemporaryFile("w+") as log, spawn(stderr=log) as fresh:
+        fresh.call("lm.configure", {"model": "scripted/x", "script": []}, timeout=60)
+        assert fresh.call("test.loaded", {"modules": modules}) == {m: False for m in modules}
+        server.add("fresh", always({"answer": "x"}))
+        fresh.call("lm.configure", lm_args(server, "litellm", "fresh"), timeout=60)
+        assert fresh.call("test.loaded", {"modules": modules}) == {m: True for m in modules}
+
+
+# ---- accounting ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_cache_hit_costs_nothing(w, server, engine):
+    price = {"input_per_mtok": 2.0, "output_per_mtok": 10.0}
+    session, model = setup(w, server, engine, always({"answer": "cached"}), lm={"cache": True, "price": price})
+    args = {"signature": QA, "inputs": {"question": f"cache me {time.time()} {engine}"}}
+    first = w.request("dspy.predict", args, session_id=session)
+    first.result()
+    second = w.request("dspy.predict", args, session_id=session)
+    second.result()
+    assert len(server.events("request", model)) == 1
+    paid, hit = first.terminal["meta"]["lm"], second.terminal["meta"]["lm"]
+    assert paid["cost_usd"] > 0 and paid["cache_hits"] == 0
+    assert hit == {"calls": 1, "cache_hits": 1, "cost_usd": 0.0, "input_tokens": 0, "output_tokens": 0,
+                   "cancelled": 0, "failed": 0}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_cancelled_stream_counts_as_a_call(w, server, engine):
+    session, model = setup(w, server, engine, always({"answer": "a b c d e f g h i j"}), token_delay_ms=100)
+    call = w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    next(c for c in call if c["event"] == "token")
+    call.cancel()
+    with pytest.raises(RemoteError):
+        call.result()
+    lm = call.terminal["meta"]["lm"]
+    assert (lm["calls"], lm["cancelled"], lm["failed"], lm["input_tokens"], lm["output_tokens"]) == (1, 1, 0, 0, 0)
+    server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
+    stats = w.call("stats")["lm_by_session"][session]
+    assert stats["cancelled"] == 1 and stats["calls"] == 1

@@ -125,8 +125,9 @@ def known_options(engine: Any) -> set[str]:
     known |= CLIENT_KEYS | OPENAI_PARAMETERS
     if engine == "litellm":
         import litellm
+        from litellm.types.utils import all_litellm_params
 
-        known |= set(inspect.signature(litellm.completion).parameters) - {"kwargs"}
+        known |= set(inspect.signature(litellm.completion).parameters) | set(all_litellm_params) | {"drop_params"}
     return known
 
 

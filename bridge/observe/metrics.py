@@ -89,31 +89,26 @@ class LmUsage:
     """LM calls of one request (or of the whole worker): counts, tokens, cost, cache hits.
 
     ``calls`` counts every call made, including ``cancelled`` and ``failed`` ones;
-    tokens and cost are what was spent.  A cache hit spends nothing: its stored
-    tokens go to ``cached_input_tokens``/``cached_output_tokens`` instead.
+    tokens and cost are what was spent.  A cache hit spends nothing (DSPy keeps no
+    usage for it either).
     """
 
-    __slots__ = ("calls", "input_tokens", "output_tokens", "cost_usd", "cache_hits", "cancelled", "failed",
-                 "cached_input_tokens", "cached_output_tokens")
+    __slots__ = ("calls", "input_tokens", "output_tokens", "cost_usd", "cache_hits", "cancelled", "failed")
     FIELDS = __slots__
 
     def __init__(self) -> None:
         self.calls = self.input_tokens = self.output_tokens = self.cache_hits = 0
-        self.cancelled = self.failed = self.cached_input_tokens = self.cached_output_tokens = 0
+        self.cancelled = self.failed = 0
         self.cost_usd: float | None = None  # None until some LM reports a cost
 
     def add(self, input_tokens: int, output_tokens: int, cost: float | None, hit: bool = False,
             outcome: str | None = None) -> None:
-        """One LM call as it ends: a cache ``hit`` (its stored tokens counted apart, cost 0),
-        or ``outcome`` ``"cancelled"``/``"failed"`` (tokens received so far, if known)."""
+        """One LM call as it ends: a cache ``hit`` (cost 0), or ``outcome`` ``"cancelled"``
+        or ``"failed"`` (tokens received so far, if known)."""
         self.calls += 1
+        self.cache_hits += hit
         if outcome is not None:
             setattr(self, outcome, getattr(self, outcome) + 1)
-        if hit:
-            self.cache_hits += 1
-            self.cached_input_tokens += input_tokens
-            self.cached_output_tokens += output_tokens
-            cost = 0.0 if cost is not None else None
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         if cost is not None:
