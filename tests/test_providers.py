@@ -338,3 +338,45 @@ def test_a_cancelled_stream_counts_as_a_call(w, server, engine):
     server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
     stats = w.call("stats")["lm_by_session"][session]
     assert stats["cancelled"] == 1 and stats["calls"] == 1
+
+
+# ---- transcripts -------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_recording_replays_with_no_network_and_the_same_error_frame(server, engine, tmp_path):
+    """Recorded against the server (a predict, a stream, a 500); replayed with api_base on a closed port."""
+    import json
+
+    from tests.test_transcripts import replayed
+
+    path = tmp_path / "provider.jsonl"
+    name = f"m{next(_names)}"
+    server.add(name, always({"answer": "recorded"}))
+    with tempfile.TemporaryFile("w+") as log, spawn("--record", str(path), stderr=log) as rec:
+        rec.call("lm.configure", lm_args(server, engine, name), timeout=60)
+        rec.call("dspy.predict", {"signature": QA, "inputs": {"question": "one"}})
+        list(rec.request("dspy.stream", {"signature": QA, "inputs": {"question": "two"}}))
+        server.fault(name, "500")
+        with pytest.raises(RemoteError) as recorded_error:
+            rec.call("dspy.predict", {"signature": QA, "inputs": {"question": "three"}})
+        assert rec.shutdown() == 0
+    assert recorded_error.value.details["code"] == "server"
+    closed = f"http://127.0.0.1:{_closed_port()}/v1"
+    text = path.read_text(encoding="utf-8").replace(server.url, closed)
+    assert server.url not in text
+    path.write_text(text, encoding="utf-8")
+    before = len(server.events("request", name))
+    code, out = replayed(str(path), timeout=60)
+    assert code == 0, out
+    assert len(server.events("request", name)) == before
+    errors = [json.loads(line)["frame"] for line in text.splitlines() if '"type": "error"' in line
+              or '"type":"error"' in line]
+    assert [e["error"] for e in errors if e.get("type") == "error"] == [recorded_error.value.frame["error"]]

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from bridge.lm.engines import build_lm, option_warnings, preload_litellm
+from bridge.lm.engines import build_lm, offline, option_warnings, preload_litellm
 from bridge.programs.program import build_program, load_program, outputs
 from bridge.programs.runner import bad_request, concurrency, dspy_error, new_ref, on_loop, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
@@ -38,11 +38,12 @@ def warm_up() -> None:
 async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
     """Give the request's session its LM (``scripted/…`` and ``replay/…`` are offline engines).
 
-    With ``engine: "litellm"``, LiteLLM is loaded first, in a thread (about 6 s, once).
+    With ``engine: "litellm"`` (and a real provider), LiteLLM is loaded first, in a thread
+    (about 6 s, once).
     Options nobody knows come back as ``warnings``; they still reach the provider.
     """
     options = {k: v for k, v in args.items() if k not in ("model", "price")}
-    if options.get("engine") == "litellm":
+    if options.get("engine") == "litellm" and not offline(args.get("model")):
         await anyio.to_thread.run_sync(preload_litellm, limiter=ctx.shared.threads)
     try:
         lm = build_lm(args.get("model"), options)

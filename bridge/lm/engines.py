@@ -60,6 +60,12 @@ def force_engine(factory: EngineFactory | None) -> None:
     _FORCED = factory
 
 
+def offline(model: Any) -> bool:
+    """Is ``model`` served by an offline engine (its prefix's, or the forced one)?"""
+    prefix, _, name = model.partition("/") if isinstance(model, str) else ("", "", "")
+    return _FORCED is not None or (bool(name) and prefix in _ENGINES)
+
+
 def build_lm(model: Any, options: dict[str, Any]) -> "dspy.LM":
     """A ``dspy.LM`` for ``lm.configure``.  Raises ValueError/TypeError for bad arguments.
 
@@ -74,10 +80,11 @@ def build_lm(model: Any, options: dict[str, Any]) -> "dspy.LM":
         raise ValueError("'model' must be a non-empty string, e.g. 'openai/gpt-4o-mini' or 'scripted/demo'")
     limit, stream_usage = connection_options(options)
     prefix, _, name = model.partition("/")
-    factory = _ENGINES.get(prefix) if name else None
-    if factory is None and _FORCED is None:
+    if not offline(model):
         lm = dspy.LM(model, **options)
     else:
+        options.pop("engine", None)  # the offline engine replaces DSPy's (lm15 or LiteLLM)
+        factory = _ENGINES.get(prefix) if name else None
         engine = factory(name, options) if factory is not None else None
         if _FORCED is not None:
             engine = _FORCED(name, options)
