@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from bridge import RemoteError
-from tests.conftest import spawn
+from bridge import RemoteError, Worker
+from tests.conftest import ROOT, spawn
 from tests.lmserver import LMServer
 
 QA = "question -> answer"
@@ -380,3 +380,18 @@ def test_a_recording_replays_with_no_network_and_the_same_error_frame(server, en
     errors = [json.loads(line)["frame"] for line in text.splitlines() if '"type": "error"' in line
               or '"type":"error"' in line]
     assert [e["error"] for e in errors if e.get("type") == "error"] == [recorded_error.value.frame["error"]]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_missing_key_error_says_what_to_send(server, engine):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env["PYTHONPATH"] = str(ROOT)
+    with tempfile.TemporaryFile("w+") as log, Worker.spawn(env=env, stderr=log) as fresh:
+        args = {k: v for k, v in lm_args(server, engine, "keyless").items() if k not in ("api_key", "api_base")}
+        fresh.call("lm.configure", args, timeout=60)
+        with pytest.raises(RemoteError) as info:
+            fresh.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}})
+    assert info.value.type == "lm_error" and "api_key" in info.value.message
+    assert "From the host: send \"api_key\" in lm.configure" in info.value.message

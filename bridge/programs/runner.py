@@ -35,8 +35,19 @@ def dspy_error(exc: Exception) -> PeerError | None:
         return PeerError("adapter_parse_error", str(exc),
                          {"adapter": exc.adapter_name, "lm_response": str(exc.lm_response)})
     if isinstance(exc, LMError):
-        return PeerError("lm_error", str(exc), {"code": exc.code, "model": exc.model})
+        return PeerError("lm_error", with_frame_note(str(exc)), {"code": exc.code, "model": exc.model})
     return None
+
+
+FRAME_NOTE = ("\n\n  From the host: send \"api_key\" in lm.configure's arguments, or give the worker the "
+              "provider's key variable in its environment (Elixir: Port.open({:spawn_executable, path}, "
+              "[env: [{'OPENAI_API_KEY', key}], ...])).")
+
+
+def with_frame_note(message: str) -> str:
+    """DSPy's and LiteLLM's key errors advise Python calls (``api_key=`` on ``dspy.LM``); a host
+    sends frames, so say the frame equivalent too."""
+    return message + FRAME_NOTE if "api_key" in message else message
 
 
 @contextmanager
