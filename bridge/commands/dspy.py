@@ -29,7 +29,7 @@ def warm_up() -> None:
     from bridge.lm import engines, scripted  # noqa: F401
     from bridge.programs import calls, optimize, pipelines, react, streaming  # noqa: F401
 
-    engines.install_connection_limit()
+    engines.install_client_hooks()
 
 
 # ---- language models ----------------------------------------------------------------

@@ -150,14 +150,21 @@ def connection_options(options: dict[str, Any]) -> tuple[int, bool]:
     return limit, usage
 
 
-def install_connection_limit() -> None:
-    """Build each LM's native client with its ``max_connections``.
+def install_client_hooks() -> None:
+    """Two changes to DSPy 3.4.1's per-call path, installed once in the warm-up:
 
-    DSPy 3.4.1 builds lm15's ``RouterConfig`` inside ``execution._select_engine``
-    without a connection limit; this wraps that function to name the LM's limit,
-    and the ``RouterConfig`` it builds to apply it.  Runs in the warm-up.
+    - each LM's native client gets its ``max_connections``: DSPy builds lm15's
+      ``RouterConfig`` inside ``execution._select_engine`` without a connection
+      limit, so that function is wrapped to name the LM's limit, and the
+      ``RouterConfig`` it builds to apply it;
+    - ``model_metadata.model_info`` is memoized where capability planning and
+      pricing call it: for a model missing from DSPy's static price snapshot (any
+      self-hosted model) it scans every entry, several ms on each call.
     """
-    from dspy.clients import execution
+    import functools
+    from copy import deepcopy
+
+    from dspy.clients import capabilities, costs, execution
 
     select = execution._select_engine
     if getattr(select, "bridge_limit", False):
@@ -177,6 +184,18 @@ def install_connection_limit() -> None:
 
     limited_select.bridge_limit = True  # type: ignore[attr-defined]
     execution._select_engine, execution.RouterConfig = limited_select, limited_config
+
+    original = costs.model_info
+    remembered = functools.lru_cache(maxsize=1024)(
+        lambda provider, model, namespaces: original(provider, model, namespaces=namespaces))
+
+    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> dict[str, Any]:
+        try:
+            return deepcopy(remembered(provider, model, None if namespaces is None else tuple(namespaces)))
+        except TypeError:  # an unhashable argument: ask DSPy directly
+            return original(provider, model, namespaces=namespaces)
+
+    costs.model_info = capabilities.model_info = model_info
 
 
 def preload_litellm() -> None:
