@@ -91,6 +91,40 @@ def _ping_under_load(pings: int) -> tuple[float | None, float | None]:
         peer.close()
 
 
+def lm_rows(reps: int) -> list[Row]:
+    """The LM figures (issues 13 and 14).  The "floor" of a ping row is the idle ping on the same
+    worker in the same run (this machine's scheduling noise); of the predict row, the server's latency."""
+    out: list[Row] = []
+    loaded, idle, first, wall, rss = [], [], [], [], []
+    peer = Peer(BRIDGE)
+    try:
+        for _ in range(reps):
+            idle.append(s.percentile(s._pings(peer, 400, set()), 0.99))
+            loaded.append(s.ping_under_streams_ms(peer)[1])
+            seconds, mb = s.concurrent_predicts(peer)
+            wall.append(seconds)
+            rss.append(mb)
+    finally:
+        peer.close()
+    for _ in range(min(reps, 3)):  # a fresh worker each time: its first LiteLLM stream
+        fresh = Peer(BRIDGE)
+        try:
+            first.append(s.ping_during_first_litellm_stream_ms(fresh)[1])
+        finally:
+            fresh.close()
+    floor = statistics.median(idle)
+    for name, values in (("ping p99 under 8 dspy.stream + 4-lane batch (ms)", loaded),
+                         ("ping p99 during the first LiteLLM stream (ms)", first)):
+        value = statistics.median(values)
+        out.append((name, value, floor, f"{value / floor:.2f}", f"<= 5 ms: {verdict(value, 5, False)}"))
+    value = statistics.median(wall)
+    out.append(("500 concurrent dspy.predict, 1 s server latency (s)", value, 1.0, f"{value:.2f}",
+                f"<= 2 s: {verdict(value, 2, False)}"))
+    value = max(rss)
+    out.append(("worker RSS after 500 concurrent predicts (MB)", value, None, "", f"<= 300 MB: {verdict(value, 300, False)}"))
+    return out
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -101,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--reps", type=int, default=5, help="runs per figure; medians are shown")
     parser.add_argument("--quick", action="store_true", help="a tenth of the work, 1 rep: a smoke test")
+    parser.add_argument("--lm", action="store_true", help="only the LM figures (local LM server, scripted engine)")
     opts = parser.parse_args(argv)
     reps, scale = (1, 0.1) if opts.quick else (opts.reps, 1.0)
-    table = rows(reps, scale)
+    table = lm_rows(reps) if opts.lm else rows(reps, scale) + lm_rows(reps)
     header = ("figure", "bridge", "floor", "ratio", "target")
     widths = [max(len(str(c)) for c in col) for col in zip(header, *[(r[0], fmt(r[1]), fmt(r[2]), r[3], r[4])
                                                                       for r in table])]

@@ -395,3 +395,17 @@ def test_a_missing_key_error_says_what_to_send(server, engine):
             fresh.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}})
     assert info.value.type == "lm_error" and "api_key" in info.value.message
     assert "From the host: send \"api_key\" in lm.configure" in info.value.message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("fault", ["500", "429"])
+def test_dspy_retries_a_fault_within_one_counted_call(w, server, engine, fault):
+    """``num_retries`` is DSPy's: the retry waits (1 s here: 2**0, or Retry-After: 1) inside one call."""
+    session, model = setup(w, server, engine, always({"answer": "after a retry"}), lm={"num_retries": 1})
+    server.fault(model, fault)
+    call = w.request("dspy.predict", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    assert call.result() == {"outputs": {"answer": "after a retry"}}
+    first, second = server.events("request", model)
+    assert 0.9 < second["t"] - first["t"] < 2.0
+    lm = call.terminal["meta"]["lm"]
+    assert (lm["calls"], lm["failed"]) == (1, 0)
