@@ -409,3 +409,13 @@ def test_dspy_retries_a_fault_within_one_counted_call(w, server, engine, fault):
     assert 0.9 < second["t"] - first["t"] < 2.0
     lm = call.terminal["meta"]["lm"]
     assert (lm["calls"], lm["failed"]) == (1, 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_lm_clients_timeout_is_an_lm_error(w, server, engine):
+    session, model = setup(w, server, engine, always({"answer": "late"}), first_byte_ms=5000, lm={"timeout": 0.3})
+    with pytest.raises(RemoteError) as info:
+        w.call("dspy.predict", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    code = {"lm15": "transport", "litellm": "timeout"}[engine]  # lm15: "read timed out waiting for…"
+    assert info.value.type == "lm_error" and info.value.details["code"] == code, info.value.frame
+    server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
