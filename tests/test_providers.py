@@ -419,3 +419,26 @@ def test_the_lm_clients_timeout_is_an_lm_error(w, server, engine):
     code = {"lm15": "transport", "litellm": "timeout"}[engine]  # lm15: "read timed out waiting for…"
     assert info.value.type == "lm_error" and info.value.details["code"] == code, info.value.frame
     server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
+
+
+def test_a_cancelled_call_stops_its_thread_at_the_next_lm_call(w, server):
+    """``call`` runs in a thread by design: the LM call in flight finishes, and no other starts."""
+    session, model = setup(w, server, "lm15", always({"answer": "x"}), first_byte_ms=500)
+    predict = w.call("call", {"target": "dspy.Predict", "args": ["question -> answer"]}, session_id=session)
+    examples = []
+    for q in ("one", "two", "three"):
+        example = w.call("call", {"target": "dspy.Example", "kwargs": {"question": q}, "store_as": f"raw_{q}"},
+                         session_id=session)
+        examples.append(w.call("call", {"target": {"ref": example["__ref__"], "method": "with_inputs"},
+                                        "args": ["question"], "store_as": f"ex_{q}"}, session_id=session))
+    call = w.request("call", {"target": {"ref": predict["__ref__"], "method": "batch"},
+                              "kwargs": {"examples": examples, "num_threads": 1, "disable_progress_bar": True}},
+                     session_id=session)
+    server.wait_for(lambda log: any(e["event"] == "request" and e["model"] == model for e in log))
+    call.cancel()
+    with pytest.raises(RemoteError):
+        call.result()
+    server.wait_for(lambda log: any(e["event"] == "reply" and e["model"] == model for e in log))
+    with pytest.raises(AssertionError, match="timed out"):  # the next item would start within ms
+        server.wait_for(lambda log: len([e for e in log if e["event"] == "request" and e["model"] == model]) > 1,
+                        timeout=1.5)

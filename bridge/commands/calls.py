@@ -1,8 +1,9 @@
 """``call`` and ``release``: any callable under an allowed module prefix, by reference.
 
-The policy and the value conversions are in ``bridge.calls``; this module only
-runs the call in a worker thread, inside ``dspy.context(lm=<session LM>)`` when
-the session has one.
+The policy and the value conversions are in ``bridge.programs.calls``; this module
+only runs the call in a worker thread, inside ``dspy.context(lm=<session LM>)`` when
+the session has one.  A cancel abandons the thread, which stops at the next DSPy
+module or LM call it starts (``Checkpoints``); other code runs on to its end.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def lm_context(lm: Any) -> ContextManager[Any]:
     return dspy.context(lm=lm) if lm is not None else nullcontext()
 
 
+def checkpoints(ctx: Context) -> ContextManager[Any]:
+    """A cancelled ``call`` stops its thread at the next DSPy module or LM call it starts."""
+    import dspy
+
+    from bridge.programs.optimize import Checkpoints
+
+    return dspy.context(callbacks=[*dspy.settings.callbacks, Checkpoints(ctx)])
+
+
 @handler("call", needs_dspy=True)
 async def call(args: dict, ctx: Context) -> Any:
     """Call ``target`` with ``args``/``kwargs`` (refs resolved); the result as data or as a ref."""
@@ -39,7 +49,7 @@ async def call(args: dict, ctx: Context) -> Any:
     lm = ctx.session.lm
 
     def work() -> Any:
-        with lm_context(lm):
+        with lm_context(lm), checkpoints(ctx):
             return fn(*positional, **keywords)
 
     with reported():
