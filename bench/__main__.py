@@ -61,8 +61,8 @@ def rows(reps: int, scale: float) -> list[Row]:
                 f"<= 150 ms: {verdict(ready, 150, False)}"))
     p50, p99 = _ping_under_load(n(400))
     if p99 is not None:
-        out.append(("ping p50 under 4-thread DSPy batch (ms)", p50, None, "", ""))
-        out.append(("ping p99 under 4-thread DSPy batch (ms)", p99, None, "", f"<= 5 ms: {verdict(p99, 5, False)}"))
+        out.append(("ping p50 under 4-lane DSPy batch (ms)", p50, None, "", ""))
+        out.append(("ping p99 under 4-lane DSPy batch (ms)", p99, None, "", f"<= 5 ms: {verdict(p99, 5, False)}"))
     for name, fn in (("RSS growth over 1M chunks (MB)", lambda p: s.rss_growth_chunks_mb(p, n(1_000_000))),
                      ("RSS growth over 100k tool calls (MB)", lambda p: s.rss_growth_tools_mb(p, n(100_000)))):
         ours, floor = measure(fn, 1)

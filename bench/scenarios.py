@@ -115,7 +115,7 @@ def start_to_ready_ms(argv: list[str]) -> float:
 
 
 def ping_under_dspy_load_ms(peer: Peer, pings: int = 400, threads: int = 4) -> tuple[float, float]:
-    """Ping latency p50 and p99 (ms) while a ``threads``-wide DSPy batch runs on the scripted engine."""
+    """Ping latency p50 and p99 (ms) while a ``threads``-lane DSPy batch (on the loop) runs on the scripted engine."""
     configured = peer.call("lm.configure", {"model": "scripted/bench",
                                             "script": [{"when": {}, "reply": {"answer": "ok"}}]})
     assert configured["type"] == "result", configured

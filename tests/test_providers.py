@@ -146,15 +146,17 @@ def test_cost_from_dspys_price_table(w, server, engine):
 # ---- cancel and timeout close the provider's connection --------------------------------------
 
 def _slow_request(w, session, command: str) -> dict:
+    """Arguments of ``command`` that make one LM call (two for the batch) with the question "slow"."""
     program = {"signature": QA}
     inputs = {"question": "slow"}
+    if command == "program.call":
+        return {"ref": w.call("program.create", {**program, "module": "Predict"}, session_id=session)["ref"],
+                "inputs": inputs}
     return {
         "dspy.predict": {**program, "inputs": inputs},
         "dspy.stream": {**program, "inputs": inputs},
         "dspy.batch": {**program, "items": [inputs, inputs], "concurrency": 2},
         "dspy.react": {**program, "inputs": inputs, "tools": TOOLS},
-        "program.call": {"ref": w.call("program.create", {**program, "module": "Predict"}, session_id=session)["ref"] if command ==
-                         "program.call" else None, "inputs": inputs},
         "pipeline.run": {"steps": [{"name": "ask", "signature": QA}], "inputs": inputs},
         "dspy.evaluate": {"program": program, "devset": [{"inputs": inputs, "outputs": {"answer": "x"}}],
                           "metric": "exact_match"},
