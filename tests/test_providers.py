@@ -330,13 +330,17 @@ def test_a_cache_hit_costs_nothing(w, server, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_cancelled_stream_counts_as_a_call(w, server, engine):
     session, model = setup(w, server, engine, always({"answer": "a b c d e f g h i j"}), token_delay_ms=100)
-    call = w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    call = w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session,
+                     telemetry=True)
     next(c for c in call if c["event"] == "token")
     call.cancel()
     with pytest.raises(RemoteError):
         call.result()
     lm = call.terminal["meta"]["lm"]
     assert (lm["calls"], lm["cancelled"], lm["failed"], lm["input_tokens"], lm["output_tokens"]) == (1, 1, 0, 0, 0)
+    [end] = [f for f in call.frames if f["type"] == "telemetry" and f["event"] == "lm_end"]
+    assert end["metadata"]["error"] == "CancelledError"
+    assert end["measurements"]["input_tokens"] is None and end["measurements"]["output_tokens"] is None
     server.wait_for(lambda log: [e for e in log if e["event"] == "disconnect" and e["model"] == model])
     stats = w.call("stats")["lm_by_session"][session]
     assert stats["cancelled"] == 1 and stats["calls"] == 1
