@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bridge import Call, RemoteError
-from bridge.observe.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
+from bridge.observe.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram, LmUsage
 from bridge.wire import framing
 from tests.conftest import new_session_id, spawn
 from tests.test_react import SCRIPT as REACT_SCRIPT
@@ -251,3 +251,17 @@ def test_no_meta_switch():
             assert "meta" not in call.terminal
         stats = w.call("stats")
         assert stats["requests"]["echo"] == 1 and stats["errors"]["handler_error"] == 1
+
+
+def test_lm_usage_counts_each_outcome_and_spends_nothing_on_a_cache_hit():
+    usage = LmUsage()
+    usage.add(100, 10, 0.5)
+    usage.add(0, 0, 0.0, hit=True)
+    usage.add(0, 0, None, outcome="failed")
+    usage.add(0, 0, None, outcome="cancelled")
+    assert usage.as_dict() == {"calls": 4, "input_tokens": 100, "output_tokens": 10, "cost_usd": 0.5,
+                               "cache_hits": 1, "cancelled": 1, "failed": 1}
+    total = LmUsage()
+    total.merge(usage.as_dict())
+    total.merge({"calls": 1, "cost_usd": None, "failed": True, "input_tokens": "x"})  # not numbers: 0
+    assert total.as_dict() == {**usage.as_dict(), "calls": 5}
