@@ -11,8 +11,8 @@ requires, and a queue of faults that the next requests get: ``500``, ``429``
 
 One asyncio loop in a daemon thread serves every connection (backlog 2048,
 so hundreds connect at once).  Every request, reply, and client disconnect
-before the reply ended (``disconnect``), and every reply the server cut
-(``dropped``) goes to ``log`` with its ``time.monotonic()``; tests
+before the reply ended (``disconnect``), every reply the server cut
+(``dropped``) and any failure of the server itself (``server_error``) goes to ``log`` with its ``time.monotonic()``; tests
 wait on it with ``wait_for``.  Replies carry ``Connection: close``: one request
 per connection, so a closed connection always means a closed request.
 """
@@ -145,8 +145,9 @@ class LMServer:
         if not reply.done():
             reply.cancel()
             self._note("disconnect", n=n, model=self._model_of(body))
-        elif isinstance(reply.exception(), Disconnected):
-            self._note("dropped", n=n, model=self._model_of(body))
+        elif (exc := reply.exception()) is not None:  # a fault that cut the reply, or a bug here
+            self._note("dropped" if isinstance(exc, Disconnected) else "server_error", n=n,
+                       model=self._model_of(body), error=repr(exc))
         eof.cancel()
         writer.close()
 
@@ -170,6 +171,8 @@ class LMServer:
                    include_usage=include_usage, auth=headers.get("authorization"),
                    stream_options="stream_options" in body)
         model = self.models.get(name)
+        if not line.startswith("POST /v1/chat/completions "):
+            return await self._error(writer, 404, f"no such endpoint: {line}")
         if model is None:
             return await self._error(writer, 404, f"The model `{name}` does not exist")
         if model.key is not None and headers.get("authorization") != f"Bearer {model.key}":

@@ -29,6 +29,7 @@ assert time.get_clock_info("perf_counter").implementation == time.get_clock_info
 def server():
     with LMServer() as s:
         yield s
+        assert not s.events("server_error"), s.events("server_error")
 
 
 @pytest.fixture(scope="module")
