@@ -10,10 +10,10 @@ requires, and a queue of faults that the next requests get: ``500``, ``429``
 ``drop`` (the connection closed mid-reply).
 
 One asyncio loop in a daemon thread serves every connection (backlog 2048,
-so hundreds connect at once).  Every request, reply, and client disconnect
-before the reply ended (``disconnect``), every reply the server cut
-(``dropped``) and any failure of the server itself (``server_error``) goes to ``log`` with its ``time.monotonic()``; tests
-wait on it with ``wait_for``.  Replies carry ``Connection: close``: one request
+so hundreds connect at once).  Every request, every reply, every client
+disconnect before the reply ended (``disconnect``), every reply the server cut
+(``dropped``) and any failure of the server itself (``server_error``) goes to
+``log`` with its ``time.monotonic()``; tests wait on it with ``wait_for``.  Replies carry ``Connection: close``: one request
 per connection, so a closed connection always means a closed request.
 """
 
