@@ -137,8 +137,8 @@ def python_rows(reps: int, scale: float) -> list[Row]:
                 f"<= 150 ms: {verdict(ready, 150, False)}"))
     p50, p99 = _ping_under_load(n(400))
     if p99 is not None:
-        out.append(("ping p50 under 4-thread DSPy batch (ms)", p50, None, "", ""))
-        out.append(("ping p99 under 4-thread DSPy batch (ms)", p99, None, "", f"<= 5 ms: {verdict(p99, 5, False)}"))
+        out.append(("ping p50 under 4-lane DSPy batch (ms)", p50, None, "", ""))
+        out.append(("ping p99 under 4-lane DSPy batch (ms)", p99, None, "", f"<= 5 ms: {verdict(p99, 5, False)}"))
     for name, fn in (("RSS growth over 1M chunks (MB)", lambda p: s.rss_growth_chunks_mb(p, n(1_000_000))),
                      ("RSS growth over 100k tool calls (MB)", lambda p: s.rss_growth_tools_mb(p, n(100_000)))):
         ours, floor = measure(fn, 1)
@@ -167,6 +167,41 @@ def _ping_under_load(pings: int) -> tuple[float | None, float | None]:
         peer.close()
 
 
+def lm_rows(reps: int) -> list[Row]:
+    """The LM figures (issues 13 and 14).  The "floor" of the first ping row is the idle ping p99 on
+    the same worker (this machine's scheduling noise); of the LiteLLM row, the same worker's second
+    LiteLLM stream (what the first costs beyond it); of the predict row, the server's latency."""
+    out: list[Row] = []
+    loaded, idle, first, later, wall, rss = [], [], [], [], [], []
+    peer = Peer(BRIDGE)
+    try:
+        for _ in range(reps):
+            idle.append(s.percentile(s._pings(peer, 400, set()), 0.99))
+            loaded.append(s.ping_under_streams_ms(peer)[1])
+            seconds, mb = s.concurrent_predicts(peer)
+            wall.append(seconds)
+            rss.append(mb)
+    finally:
+        peer.close()
+    for _ in range(min(reps, 3)):  # a fresh worker each time: its first LiteLLM stream
+        fresh = Peer(BRIDGE)
+        try:
+            first.append(s.ping_during_first_litellm_stream_ms(fresh)[1])
+            later.append(s.ping_during_first_litellm_stream_ms(fresh)[1])
+        finally:
+            fresh.close()
+    for name, values, floor in (("ping p99 under 8 dspy.stream + 4-lane batch (ms)", loaded, idle),
+                                ("ping p99 during the first LiteLLM stream (ms)", first, later)):
+        value, base = statistics.median(values), statistics.median(floor)
+        out.append((name, value, base, f"{value / base:.2f}", f"<= 5 ms: {verdict(value, 5, False)}"))
+    value = statistics.median(wall)
+    out.append(("500 concurrent dspy.predict, 1 s server latency (s)", value, 1.0, f"{value:.2f}",
+                f"<= 2 s: {verdict(value, 2, False)}"))
+    value = max(rss)
+    out.append(("worker RSS after 500 concurrent predicts (MB)", value, None, "", f"<= 300 MB: {verdict(value, 300, False)}"))
+    return out
+
+
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -191,13 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", choices=("both", "port", "python"), default="both",
                         help="port: the table of record (through an Erlang port); python: the Python-host "
                              "table; both (default): the port table, then the Python-host table")
+    parser.add_argument("--lm", action="store_true", help="only the LM figures (local LM server, scripted engine)")
     opts = parser.parse_args(argv)
     reps, scale = (1, 0.1) if opts.quick else (opts.reps, 1.0)
     compileall.compile_dir(os.path.join(ROOT, "bridge"), quiet=1)  # start to ready is for compiled bytecode
-    if opts.host in ("both", "port"):
+    if not opts.lm and opts.host in ("both", "port"):
         print_table("Through a real BEAM port (bench/port_driver.escript)", port_rows(reps, scale))
-    if opts.host in ("both", "python"):
+    if not opts.lm and opts.host in ("both", "python"):
         print_table("From a Python host (bench/harness.py)", python_rows(reps, scale))
+    if opts.lm or opts.host in ("both", "python"):
+        print_table("LM figures from a Python host (tests/lmserver.py, scripted engine)", lm_rows(reps))
     return 0
 
 

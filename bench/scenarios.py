@@ -8,7 +8,7 @@ import msgpack
 
 from bridge.wire import framing
 
-from .harness import Peer, median
+from .harness import Peer, median, percentile
 
 
 def _is_terminal(body: bytes, rid: str) -> bool:
@@ -115,7 +115,7 @@ def start_to_ready_ms(argv: list[str]) -> float:
 
 
 def ping_under_dspy_load_ms(peer: Peer, pings: int = 400, threads: int = 4) -> tuple[float, float]:
-    """Ping latency p50 and p99 (ms) while a ``threads``-wide DSPy batch runs on the scripted engine."""
+    """Ping latency p50 and p99 (ms) while a ``threads``-lane DSPy batch (on the loop) runs on the scripted engine."""
     configured = peer.call("lm.configure", {"model": "scripted/bench",
                                             "script": [{"when": {}, "reply": {"answer": "ok"}}]})
     assert configured["type"] == "result", configured
@@ -152,3 +152,101 @@ def _wait_for_result(peer: Peer, rid: str) -> None:
             frame = msgpack.unpackb(body, raw=False)
             if frame.get("id") == rid and frame["type"] in ("result", "error"):
                 return
+
+
+def ping_under_streams_ms(peer: Peer, pings: int = 400, streams: int = 8, lanes: int = 4) -> tuple[float, float]:
+    """Ping p50 and p99 (ms, from the host's write) while ``streams`` ``dspy.stream`` requests and a
+    ``lanes``-lane ``dspy.batch`` run on the scripted engine at 10 ms per token (issue 13)."""
+    words = " ".join(f"w{i}" for i in range(400))
+    configured = peer.call("lm.configure", {"model": "scripted/bench", "token_delay_ms": 10,
+                                            "script": [{"when": {}, "reply": {"answer": words}}]})
+    assert configured["type"] == "result", configured
+    load = [peer.request(f"s{i}", "dspy.stream", {"signature": "question -> answer", "inputs": {"question": f"{i}"}})
+            for i in range(streams)]
+    items = [{"question": f"q{i}"} for i in range(10_000)]
+    load.append(peer.request("batch", "dspy.batch", {"signature": "question -> answer", "items": items,
+                                                     "concurrency": lanes}))
+    peer.write(b"".join(load))
+    for i in range(streams):
+        _wait_for_chunks(peer, f"s{i}", 3)  # every stream is sending tokens
+    ended: set[str] = set()
+    latencies = _pings(peer, pings, ended)
+    ids = [f"s{i}" for i in range(streams)] + ["batch"]
+    peer.write(b"".join(framing.encode({"type": "cancel", "id": rid}) for rid in ids))
+    _wait_for_ends(peer, set(ids) - ended)
+    return percentile(latencies, 0.5), percentile(latencies, 0.99)
+
+
+def _pings(peer: Peer, n: int, ended: set[str]) -> list[float]:
+    """``n`` sequential pings 2 ms apart; each latency (ms) from the write to its result.
+    The ids of other requests that end meanwhile go to ``ended``."""
+    latencies = []
+    for i in range(n):
+        rid = f"p{i}"
+        started = time.perf_counter()
+        peer.write(peer.request(rid, "ping"))
+        _wait_for_ends(peer, {rid}, ended)
+        latencies.append((time.perf_counter() - started) * 1000)
+        time.sleep(0.002)
+    return latencies
+
+
+def _wait_for_ends(peer: Peer, pending: set[str], ended: set[str] | None = None) -> None:
+    """Read frames until every id in ``pending`` has its terminal frame; note the others in ``ended``."""
+    pending = set(pending)
+    while pending:
+        for body in peer.bodies():
+            frame = msgpack.unpackb(body, raw=False)
+            if frame.get("type") in ("result", "error"):
+                pending.discard(frame.get("id"))
+                if ended is not None:
+                    ended.add(frame.get("id"))
+
+
+def concurrent_predicts(peer: Peer, n: int = 500, latency_s: float = 1.0) -> tuple[float, float]:
+    """Wall time (s) of ``n`` concurrent ``dspy.predict`` on the default (lm15) engine against the
+    local OpenAI-compatible server answering each after ``latency_s``, and the worker's RSS after (MB)."""
+    from tests.lmserver import LMServer
+
+    with LMServer() as server:
+        server.add("slow", [{"when": {}, "reply": {"answer": "ok"}}], first_byte_ms=latency_s * 1000)
+        configured = peer.call("lm.configure", {"model": "openai/slow", "api_base": server.url, "api_key": "sk-bench",
+                                                "cache": False, "num_retries": 0})
+        assert configured["type"] == "result", configured
+        requests = [peer.request(f"c{i}", "dspy.predict", {"signature": "question -> answer",
+                                                            "inputs": {"question": f"q{i}"}}) for i in range(n)]
+        started = time.perf_counter()
+        peer.write(b"".join(requests))
+        errors: list[dict] = []
+        pending = {f"c{i}" for i in range(n)}
+        while pending:
+            for body in peer.bodies():
+                frame = msgpack.unpackb(body, raw=False)
+                if frame.get("id") in pending and frame["type"] in ("result", "error"):
+                    pending.discard(frame["id"])
+                    if frame["type"] == "error":
+                        errors.append(frame)
+        wall = time.perf_counter() - started
+        assert not errors, errors[0]
+        return wall, peer.rss() / 1e6
+
+
+def ping_during_first_litellm_stream_ms(peer: Peer, tokens: int = 300) -> tuple[float, float]:
+    """Ping p50 and p99 (ms) during a LiteLLM stream (10 ms per token from the local server), the
+    whole stream long; on a fresh worker, its first, after ``lm.configure`` loaded LiteLLM off the
+    loop (issue 14)."""
+    from tests.lmserver import LMServer
+
+    with LMServer() as server:
+        server.add("tokens", [{"when": {}, "reply": {"answer": " ".join(f"w{i}" for i in range(tokens))}}],
+                   token_delay_ms=10)
+        configured = peer.call("lm.configure", {"model": "openai/tokens", "api_base": server.url, "engine": "litellm",
+                                                "api_key": "sk-bench", "cache": False, "num_retries": 0})
+        assert configured["type"] == "result", configured
+        peer.write(peer.request("first", "dspy.stream", {"signature": "question -> answer",
+                                                         "inputs": {"question": "count"}}))
+        ended: set[str] = set()
+        latencies: list[float] = []
+        while "first" not in ended:  # pings cover the whole stream, its end included
+            latencies += _pings(peer, 10, ended)
+        return percentile(latencies, 0.5), percentile(latencies, 0.99)

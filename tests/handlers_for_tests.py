@@ -187,3 +187,9 @@ def spawn_from_threads(args: dict, ctx) -> dict:
     for thread in threads:
         thread.join()
     return {"pids": pids}
+
+
+@handler("test.loaded", inline=True)
+def loaded(args: dict, ctx) -> dict:
+    """Which of ``modules`` the worker has imported (what a warm-up loaded off the loop)."""
+    return {name: name in sys.modules for name in args["modules"]}

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from bridge import Call, RemoteError
-from bridge.observe.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram
+from bridge.observe.metrics import BOUNDS, SLOT_S, WINDOW_SLOTS, Histogram, LmUsage
 from bridge.wire import framing
 from tests.conftest import new_session_id, spawn
 from tests.test_react import SCRIPT as REACT_SCRIPT
@@ -94,7 +94,7 @@ def test_scripted_lm_usage_is_reported(w):
     configure, _ = timed(w, "lm.configure", {"model": "scripted/m", "script": [
         {"answer": "1"}, {"answer": "2"}, {"answer": "3"}, {"answer": "4"}]}, session_id=sid)
     assert configure.terminal["meta"]["lm"] == {"calls": 0, "input_tokens": 0, "output_tokens": 0,
-                                                "cost_usd": None, "cache_hits": 0}
+                                                "cost_usd": None, "cache_hits": 0, "cancelled": 0, "failed": 0}
     call, _ = timed(w, "dspy.predict", {"signature": "question -> answer", "inputs": {"question": "q"}},
                     session_id=sid)
     lm = call.terminal["meta"]["lm"]
@@ -252,3 +252,17 @@ def test_no_meta_switch():
             assert "meta" not in call.terminal
         stats = w.call("stats")
         assert stats["requests"]["echo"] == 1 and stats["errors"]["handler_error"] == 1
+
+
+def test_lm_usage_counts_each_outcome_and_spends_nothing_on_a_cache_hit():
+    usage = LmUsage()
+    usage.add(100, 10, 0.5)
+    usage.add(0, 0, 0.0, hit=True)
+    usage.add(0, 0, None, outcome="failed")
+    usage.add(0, 0, None, outcome="cancelled")
+    assert usage.as_dict() == {"calls": 4, "input_tokens": 100, "output_tokens": 10, "cost_usd": 0.5,
+                               "cache_hits": 1, "cancelled": 1, "failed": 1}
+    total = LmUsage()
+    total.merge(usage.as_dict())
+    total.merge({"calls": 1, "cost_usd": None, "failed": True, "input_tokens": "x"})  # not numbers: 0
+    assert total.as_dict() == {**usage.as_dict(), "calls": 5}

@@ -2,7 +2,8 @@
 
 The policy is ``programs.allowlist``, the value conversions ``programs.calls``; this module only
 runs the call in a worker thread, inside ``dspy.context(lm=<session LM>)`` when
-the session has one.
+the session has one.  A cancel abandons the thread, which stops at the next DSPy
+module or LM call it starts (``Checkpoints``); other code runs on to its end.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from typing import Any, ContextManager
-
 
 from bridge.programs import allowlist
 from bridge.programs.calls import check_name, encode, keeper, resolve_args, resolve_target
@@ -24,6 +24,15 @@ def lm_context(lm: Any) -> ContextManager[Any]:
     import dspy
 
     return dspy.context(lm=lm) if lm is not None else nullcontext()
+
+
+def checkpoints(ctx: Context) -> ContextManager[Any]:
+    """A cancelled ``call`` stops its thread at the next DSPy module or LM call it starts."""
+    import dspy
+
+    from bridge.programs.optimize import Checkpoints
+
+    return dspy.context(callbacks=[*dspy.settings.callbacks, Checkpoints(ctx)])
 
 
 @handler("call", needs_dspy=True, args=("target", "args", "kwargs", "store_as"))
@@ -41,7 +50,7 @@ async def call(args: dict, ctx: Context) -> Any:
     lm = ctx.session.lm
 
     def work() -> Any:
-        with lm_context(lm):
+        with lm_context(lm), checkpoints(ctx):
             return fn(*positional, **keywords)
 
     with reported():

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import anyio
 
-from bridge.lm.engines import build_lm
+from bridge.lm.engines import build_lm, offline, option_warnings, preload_litellm
 from bridge.programs.program import PROGRAM_ARGS, build_program, load_program, outputs
-from bridge.programs.runner import bad_request, concurrency, dspy_error, in_thread, new_ref, run, session_lm, stored
+from bridge.programs.runner import bad_request, concurrency, dspy_error, new_ref, on_loop, run, session_lm, stored
 from bridge.wire.errors import ErrorType, PeerError
 from bridge.wire.protocol import quote
 from bridge.worker.context import Context
@@ -28,11 +27,13 @@ def warm_up() -> None:
     """Import DSPy and every module that needs it after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
-    from bridge.lm import scripted  # noqa: F401
+    from bridge.lm import engines, scripted  # noqa: F401
     from bridge.programs import calls, optimize, pipelines, react, streaming  # noqa: F401
     from bridge.programs.typenames import guard_dspy_parser
 
     guard_dspy_parser()  # a signature string reaching DSPy by any route imports nothing
+
+    engines.install_client_hooks()
 
 
 # ---- language models ----------------------------------------------------------------
@@ -43,13 +44,18 @@ async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
 
     A ``replay/<path>`` LM reads a file, so it is built in a worker thread; any other is
     built on the loop, before this handler first yields, so requests pipelined behind
-    it in the same session (a shell pipe cannot wait for the answer) already see it."""
+    it in the same session (a shell pipe cannot wait for the answer) already see it.
+    With ``engine: "litellm"`` (and a real provider), LiteLLM is loaded first, in a thread
+    (about 6 s, once).  Options nobody knows come back as ``warnings``; they still reach
+    the provider."""
     options = {k: v for k, v in args.items() if k not in ("model", "price")}
     check_api_base(options, ctx.shared.config.allow_api_bases)
     model = args.get("model")
+    if options.get("engine") == "litellm" and not offline(model):
+        await ctx.shared.threads.run_sync(preload_litellm)
     try:
         if isinstance(model, str) and model.startswith("replay/"):
-            lm = await anyio.to_thread.run_sync(build_lm, model, options, limiter=ctx.shared.threads)
+            lm = await ctx.shared.threads.run_sync(build_lm, model, options)
         else:
             lm = build_lm(model, options)
     except (ValueError, TypeError) as exc:
@@ -58,7 +64,11 @@ async def lm_configure(args: dict, ctx: Context) -> dict[str, Any]:
         lm.bridge_price = price_option(args["price"])  # read by observe.lm_usage when DSPy cannot price a call
     session = ctx.session
     session.lm = lm
-    return {"model": lm.model, "session_id": session.id}
+    reply: dict[str, Any] = {"model": lm.model, "session_id": session.id}
+    warnings = option_warnings(options)
+    if warnings:
+        reply["warnings"] = warnings
+    return reply
 
 
 def check_api_base(options: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -140,7 +150,7 @@ async def batch(args: dict, ctx: Context) -> dict[str, int]:
 
     async def one(index: int) -> None:
         try:
-            chunk = {"event": "item", "index": index, "outputs": outputs(await in_thread(ctx, program, items[index], lm))}
+            chunk = {"event": "item", "index": index, "outputs": outputs(await on_loop(program, items[index], lm))}
         except Exception as exc:
             counts["failed"] += 1
             error = dspy_error(exc) or PeerError(ErrorType.HANDLER_ERROR, str(exc) or type(exc).__name__)

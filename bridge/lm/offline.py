@@ -72,8 +72,12 @@ class OfflineEngine:
 
     def plan(self, request: "Request", streaming: bool) -> Reply:
         text = self.reply_text(request, streaming)
-        pieces = [piece for part in _MARKER.split(text) for piece in self._split(part)]
+        pieces = self.pieces(text)
         return Reply(text, pieces, [self.delay] * len(pieces))
+
+    def pieces(self, text: str) -> list[str]:
+        """``text`` as it streams: words (or ``chunk_chars`` slices), each field marker whole."""
+        return [piece for part in _MARKER.split(text) for piece in self._split(part)]
 
     def _split(self, text: str) -> list[str]:
         """A field marker is one piece: DSPy's stream listener must see it within 10 pieces."""

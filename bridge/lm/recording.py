@@ -167,7 +167,7 @@ class LMCall:
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, Exception):
-            self.outcome["error"] = {"type": type(exc).__name__, "message": str(exc)}
+            self.outcome["error"] = error_record(exc)
         self._end(incomplete=not isinstance(exc, Exception))  # cancelled, or the stream was closed
 
     def abandon(self) -> None:
@@ -200,6 +200,23 @@ class LMCall:
         if incomplete:
             record["incomplete"] = True
         return record
+
+
+_ERROR_FIELDS = ("message", "code", "provider", "provider_code", "status", "request_id", "retry_after", "model",
+                 "env_keys", "credential_hint", "credential_origin", "feature")
+
+
+def error_record(exc: Exception) -> dict[str, Any]:
+    """``{type, message, fields?}``: an lm15 error's fields (provider, HTTP status…) are kept, so
+    replay rebuilds the same error, whose text DSPy composes from them."""
+    record: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    fields = {name: _plain(value) for name in _ERROR_FIELDS if (value := getattr(exc, name, None)) is not None}
+    headers = getattr(exc, "rate_limit_headers", None)
+    if headers:
+        fields["rate_limit_headers"] = {k: list(v) for k, v in headers.items()}
+    if fields:
+        record["fields"] = fields
+    return record
 
 
 def _usage(response: Any) -> dict[str, Any]:

@@ -66,18 +66,36 @@ def _excerpt(request: dict[str, Any], limit: int = 300) -> str:
 
 
 def _error(error: dict[str, Any]) -> Exception:
-    """The recorded failure again: an lm15 error of the same class, or a builtin one."""
+    """The recorded failure again: an lm15 error of the same class with the same fields (so
+    the same text), or a builtin one."""
     from dspy._vendor.lm15 import errors
 
     name, message = error.get("type", ""), error.get("message", "")
     public = isinstance(name, str) and not name.startswith("_")  # a transcript is data: no dunder lookups
     cls = (getattr(errors, name, None) or getattr(builtins, name, None)) if public else None
+    fields = error.get("fields")
+    if isinstance(cls, type) and issubclass(cls, errors.LM15Error) and isinstance(fields, dict):
+        return _restored(cls, fields)
     if isinstance(cls, type) and issubclass(cls, Exception):
         try:
             return cls(message)
         except TypeError:
             pass
     return errors.ProviderError(f"{name}: {message}")
+
+
+def _restored(cls: type, fields: dict[str, Any]) -> Exception:
+    """An lm15 error with the recorded attributes, not re-derived: some constructors add text."""
+    from dspy._vendor.lm15.rate_limits import freeze_rate_limits
+
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, fields.get("message", ""))
+    exc.__dict__.update({k: tuple(v) if k == "env_keys" else v for k, v in fields.items()})
+    exc.rate_limit_headers = freeze_rate_limits(fields.get("rate_limit_headers"))
+    exc.code = fields.get("code") or cls.default_code
+    for name in ("provider", "provider_code", "status", "request_id", "retry_after"):
+        exc.__dict__.setdefault(name, None)
+    return exc
 
 
 @dataclass(frozen=True, slots=True)

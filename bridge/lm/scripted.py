@@ -46,17 +46,33 @@ class Prompt:
     @classmethod
     def read(cls, request: "Request") -> "Prompt":
         system = request.system if isinstance(request.system, str) else ""
-        found = _OUTPUTS.search(system or "")
-        outputs = _OUTPUT_NAME.findall(found.group(1)) if found else []
         users = [m.text or "" for m in request.messages if m.role == "user"]
-        last = users[-1] if users else ""
-        return cls(outputs, "Respond with a JSON object" in last, _sections(last))
+        return cls.parse(system or "", users[-1] if users else "")
+
+    @classmethod
+    def from_chat(cls, messages: list[dict[str, Any]]) -> "Prompt":
+        """The prompt of OpenAI-style chat ``messages`` (an HTTP server answering as this engine)."""
+        system = next((chat_text(m) for m in messages if m.get("role") == "system"), "")
+        users = [chat_text(m) for m in messages if m.get("role") == "user"]
+        return cls.parse(system, users[-1] if users else "")
+
+    @classmethod
+    def parse(cls, system: str, last_user: str) -> "Prompt":
+        found = _OUTPUTS.search(system)
+        outputs = _OUTPUT_NAME.findall(found.group(1)) if found else []
+        return cls(outputs, "Respond with a JSON object" in last_user, _sections(last_user))
 
     def key(self) -> tuple:
         return tuple(sorted(self.inputs.items()))
 
     def matches(self, when: dict[str, Any]) -> bool:
         return all(name in self.inputs and _equal(self.inputs[name], value) for name, value in when.items())
+
+
+def chat_text(message: dict[str, Any]) -> str:
+    """The text of one OpenAI-style chat message (a string, or a list of text parts)."""
+    content = message.get("content") or ""
+    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
 def _sections(text: str) -> dict[str, str]:
@@ -130,7 +146,10 @@ class ScriptedEngine(OfflineEngine):
                    chunk_chars=int_option(options, "chunk_chars", None, 1))
 
     def reply_text(self, request: "Request", streaming: bool) -> str:
-        prompt = Prompt.read(request)
+        return self.answer(Prompt.read(request), streaming)
+
+    def answer(self, prompt: Prompt, streaming: bool) -> str:
+        """The text of the next reply for ``prompt``, rendered for its adapter."""
         with self._lock:
             reply = self._pick(prompt)
             if not streaming and not prompt.json_mode:

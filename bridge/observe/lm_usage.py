@@ -35,7 +35,7 @@ def install(totals: LmUsage) -> None:
         ctx, started = _started(lm)
         try:
             result = execute(lm, call)
-        except Exception as exc:
+        except BaseException as exc:
             _ended(totals, ctx, lm, started, None, exc)
             raise
         _ended(totals, ctx, lm, started, result, None)
@@ -45,7 +45,7 @@ def install(totals: LmUsage) -> None:
         ctx, started = _started(lm)
         try:
             result = await aexecute(lm, call)
-        except Exception as exc:
+        except BaseException as exc:  # cancelled calls too: the provider was called
             _ended(totals, ctx, lm, started, None, exc)
             raise
         _ended(totals, ctx, lm, started, result, None)
@@ -62,7 +62,10 @@ def _started(lm: Any) -> tuple[Any, float]:
     return ctx, time.perf_counter()
 
 
-def _ended(totals: LmUsage, ctx: Any, lm: Any, started: float, result: Any, exc: Exception | None) -> None:
+def _ended(totals: LmUsage, ctx: Any, lm: Any, started: float, result: Any, exc: BaseException | None) -> None:
+    """Account one call.  A failed or cancelled call has no ``CallResult``: DSPy keeps no
+    usage of a call that did not finish, so its tokens are unknown (``null`` in telemetry)."""
+    outcome = None if exc is None else "failed" if isinstance(exc, Exception) else "cancelled"
     usage = (result.usage if result is not None else None) or {}
     tokens_in = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
     tokens_out = usage.get("completion_tokens") or usage.get("output_tokens") or 0
@@ -70,18 +73,25 @@ def _ended(totals: LmUsage, ctx: Any, lm: Any, started: float, result: Any, exc:
     hit = bool(getattr(result, "cache_hit", False))
     price = getattr(lm, "bridge_price", None)  # lm.configure's ``price``: for calls DSPy cannot price
     if cost is None and price is not None and result is not None:
-        cost = 0.0 if hit else (tokens_in * price[0] + tokens_out * price[1]) / 1e6
+        cost = (tokens_in * price[0] + tokens_out * price[1]) / 1e6
+    if hit and cost is not None:
+        cost = 0.0  # DSPy's cached result carries the cost of the call that filled the cache
     with _lock:
-        totals.add(tokens_in, tokens_out, cost, hit)
-        if ctx is not None:
-            ctx.session.usage.add(tokens_in, tokens_out, cost, hit)
-            if ctx.lm is None:
-                ctx.lm = LmUsage()
-            ctx.lm.add(tokens_in, tokens_out, cost, hit)
+        for usage_of in (totals, ctx and ctx.session.usage, ctx and _request_usage(ctx)):
+            if usage_of is not None:
+                usage_of.add(tokens_in, tokens_out, cost, hit, outcome)
     if ctx is not None and ctx.telemetry is not None:
         metadata: dict[str, Any] = {"model": lm.model, "cache_hit": hit}
         if exc is not None:
             metadata["error"] = type(exc).__name__
+        known = result is not None
         ctx.telemetry.event("lm_end", {"duration_ms": (time.perf_counter() - started) * 1000,
-                                       "input_tokens": tokens_in, "output_tokens": tokens_out,
+                                       "input_tokens": tokens_in if known else None,
+                                       "output_tokens": tokens_out if known else None,
                                        "cost_usd": cost}, metadata)
+
+
+def _request_usage(ctx: Any) -> LmUsage:
+    if ctx.lm is None:
+        ctx.lm = LmUsage()
+    return ctx.lm

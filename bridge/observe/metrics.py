@@ -86,27 +86,46 @@ def rss_bytes() -> int:
 
 
 class LmUsage:
-    """LM calls of one request (or of the whole worker): counts, tokens, cost, cache hits."""
+    """LM calls of one request (or of the whole worker): counts, tokens, cost, cache hits.
 
-    __slots__ = ("calls", "input_tokens", "output_tokens", "cost_usd", "cache_hits")
+    ``calls`` counts every call made, including ``cancelled`` and ``failed`` ones;
+    tokens and cost are what was spent.  A cache hit spends nothing (DSPy keeps no
+    usage for it either).
+    """
+
+    __slots__ = ("calls", "input_tokens", "output_tokens", "cost_usd", "cache_hits", "cancelled", "failed")
+    FIELDS = __slots__
 
     def __init__(self) -> None:
         self.calls = self.input_tokens = self.output_tokens = self.cache_hits = 0
+        self.cancelled = self.failed = 0
         self.cost_usd: float | None = None  # None until some LM reports a cost
 
-    def add(self, input_tokens: int, output_tokens: int, cost: float | None, cache_hits: int,
-            calls: int = 1) -> None:
-        """``calls`` LM calls (one, as they happen; or a request's totals from its ``meta``)."""
-        self.calls += calls
+    def add(self, input_tokens: int, output_tokens: int, cost: float | None, hit: bool = False,
+            outcome: str | None = None) -> None:
+        """One LM call as it ends: a cache ``hit`` (cost 0), or ``outcome`` ``"cancelled"``
+        or ``"failed"`` (tokens received so far, if known)."""
+        self.calls += 1
+        self.cache_hits += hit
+        if outcome is not None:
+            setattr(self, outcome, getattr(self, outcome) + 1)
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        self.cache_hits += cache_hits
         if cost is not None:
             self.cost_usd = (self.cost_usd or 0.0) + cost
 
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another ``as_dict()`` (a request's ``meta.lm``); what is not a number counts as 0."""
+        for name in self.FIELDS:
+            value = other.get(name)
+            if name == "cost_usd":
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.cost_usd = (self.cost_usd or 0.0) + value
+            elif isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, getattr(self, name) + value)
+
     def as_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cost_usd": self.cost_usd, "cache_hits": self.cache_hits}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
 
 class Histogram:

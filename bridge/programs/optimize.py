@@ -160,7 +160,25 @@ class Abort(BaseException):
         self.error = error
 
 
-class Progress(BaseCallback):
+class Checkpoints(BaseCallback):
+    """The points where a cancel stops DSPy work running in a thread (an optimizer, a ``call``):
+    every module call and LM call starts by checking the request."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def check(self) -> None:
+        if self.ctx.cancelled:
+            raise Abort()
+
+    def on_module_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.check()
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.check()
+
+
+class Progress(Checkpoints):
     """``progress`` chunks from inside an optimizer's threads, and the points where a cancel stops it.
 
     Runs on DSPy's threads: chunks go out with ``emit_blocking``, one at a time
@@ -168,7 +186,7 @@ class Progress(BaseCallback):
     """
 
     def __init__(self, ctx: Context, metric: Metric, trainset: list[dspy.Example], threshold: Any) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.scorer = metric
         self.index = {id(example): i for i, example in enumerate(trainset)}
         self.threshold = threshold
@@ -177,10 +195,6 @@ class Progress(BaseCallback):
         self.best: float | None = None
         self.sizes: dict[str, tuple[int, bool]] = {}  # evaluation call_id -> (examples, whole valset?)
         self.lock = threading.Lock()
-
-    def check(self) -> None:
-        if self.ctx.cancelled:
-            raise Abort()
 
     def emit(self, phase: str, **data: Any) -> None:
         """A bare ``{phase}`` chunk when the phase changes, then ``data`` (if any) in that phase."""
@@ -212,9 +226,6 @@ class Progress(BaseCallback):
         self.check()
         if type(instance).__module__.startswith("dspy.propose"):  # MIPROv2's instruction proposer
             self.emit("propose")
-
-    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
-        self.check()
 
     def on_evaluate_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
         devset = inputs.get("devset") or instance.devset

@@ -1,20 +1,21 @@
 """What every DSPy command shares: the session's LM, stored programs, one program call,
-threads for plain calls, and DSPy's failures mapped to their own error types.
+and DSPy's failures mapped to their own error types.
 
 Every DSPy run happens inside ``dspy.context(lm=<the session's LM>)``:
 ``dspy.configure`` only works from the first thread that calls it, and
-sessions must not share an LM.  Streamed and ReAct calls run with ``acall`` on
-the event loop, so cancelling the request cancels them; plain calls run in a
-worker thread (``in_thread``), which a cancel abandons: the call runs on to its
-end, holding its thread, and its result is dropped.  DSPy is imported lazily.
+sessions must not share an LM.  Every program call (predict, stream, batch
+items, ReAct, ``program.call``, pipeline steps, evaluation items) runs with
+``acall`` on the event loop, over DSPy's async LM engines: cancelling the
+request cancels the awaiting task, which closes the provider's connection at
+once.  DSPy's prompt formatting and reply parsing then run on the loop too
+(a few hundred µs per call, measured in ``bench``); a thread would not stop on
+cancel.  DSPy is imported lazily.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, AsyncIterator, Iterator
-
-import anyio
 
 from bridge.programs.program import Program
 from bridge.programs.typenames import SignatureError
@@ -35,8 +36,19 @@ def dspy_error(exc: Exception) -> PeerError | None:
         return PeerError("adapter_parse_error", str(exc),
                          {"adapter": exc.adapter_name, "lm_response": str(exc.lm_response)})
     if isinstance(exc, LMError):
-        return PeerError("lm_error", str(exc), {"code": exc.code, "model": exc.model})
+        return PeerError("lm_error", with_frame_note(str(exc)), {"code": exc.code, "model": exc.model})
     return None
+
+
+FRAME_NOTE = ("\n\n  From the host: send \"api_key\" in lm.configure's arguments, or give the worker the "
+              "provider's key variable in its environment (Elixir: Port.open({:spawn_executable, path}, "
+              "[env: [{'OPENAI_API_KEY', key}], ...])).")
+
+
+def with_frame_note(message: str) -> str:
+    """DSPy's and LiteLLM's key errors advise Python calls (``api_key=`` on ``dspy.LM``); a host
+    sends frames, so say the frame equivalent too."""
+    return message + FRAME_NOTE if "api_key" in message else message
 
 
 @contextmanager
@@ -88,8 +100,6 @@ def new_ref(ctx: Context, program: Program) -> dict[str, str]:
 
 async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields: Any = None) -> dict[str, Any]:
     """Call ``program`` once for predict, stream and program.call."""
-    import dspy
-
     from bridge.programs.streaming import listeners_for, stream_program  # imports DSPy: after warm-up only
 
     with bad_request():
@@ -100,25 +110,19 @@ async def run(program: Program, inputs: Any, ctx: Context, stream: bool, fields:
         async with react_steps(ctx, program):
             if stream:
                 prediction = await stream_program(program, inputs, lm, routes, ctx.emit)
-            elif program.kind == "ReAct":  # async tools need acall: sync ReAct would hang on them
-                with dspy.context(lm=lm):
-                    prediction = await program.module.acall(**inputs)
             else:
-                prediction = await in_thread(ctx, program, inputs, lm)
+                prediction = await on_loop(program, inputs, lm)
     return program.result(prediction)
 
 
-async def in_thread(ctx: Context, program: Program, inputs: dict[str, Any], lm: Any) -> Any:
-    """Run a plain program call in a worker thread: DSPy's formatting and parsing are CPU work
-    that would otherwise stall every other request on the loop.  Context variables (the
-    ``dspy.context`` settings, callbacks) carry into the thread."""
+async def on_loop(program: Program, inputs: dict[str, Any], lm: Any) -> Any:
+    """One un-streamed program call through DSPy's async path (``acall``) on the event loop:
+    a cancel reaches the LM's connection.  ReAct needs it anyway: its async host tools
+    would hang in sync ReAct."""
     import dspy
 
-    def call() -> Any:
-        with dspy.context(lm=lm):
-            return program.module(**inputs)
-
-    return await anyio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=ctx.shared.threads)
+    with dspy.context(lm=lm):
+        return await program.module.acall(**inputs)
 
 
 @asynccontextmanager

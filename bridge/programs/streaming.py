@@ -109,7 +109,10 @@ async def stream_program(program: Program, inputs: dict[str, Any], lm: Any,
         async with send:
             callbacks = [*dspy.settings.callbacks, StatusCallback(post)]
             try:
-                with dspy.context(lm=lm, send_stream=send, stream_listeners=listeners, callbacks=callbacks):
+                # track_usage makes DSPy's LiteLLM path ask for stream_options.include_usage
+                # (lm15 asks by itself): exact usage instead of LiteLLM's estimate.
+                with dspy.context(lm=lm, send_stream=send, stream_listeners=listeners, callbacks=callbacks,
+                                  track_usage=getattr(lm, "bridge_stream_usage", True)):
                     outcome["prediction"] = await program.module.acall(**inputs)
             except Exception as exc:  # re-raised below, outside the task group
                 outcome["error"] = exc

@@ -98,21 +98,10 @@ class Tally:
             ms = (self.now - arrived) * 1000
         self.metrics.record(command, ms, etype, now=self.now)
         if isinstance(meta.get("lm"), dict):
-            _add_usage(self.lm.setdefault(session, LmUsage()), meta["lm"])
+            self.lm.setdefault(session, LmUsage()).merge(meta["lm"])
         data = frame.get("data")
         if command == "stats" and isinstance(data, dict) and isinstance(data.get("rss_bytes"), int):
             self.rss = data["rss_bytes"]
-
-
-def _add_usage(usage: LmUsage, lm: dict[str, Any]) -> None:
-    """Sum one request's ``meta.lm`` into ``usage``; what is not a number counts as 0 (or no cost)."""
-    def count(name: str) -> int:
-        value = lm.get(name)
-        return value if isinstance(value, int) else 0
-
-    cost = lm.get("cost_usd")
-    usage.add(count("input_tokens"), count("output_tokens"), cost if isinstance(cost, (int, float)) else None,
-              count("cache_hits"), count("calls"))
 
 
 class Follower:

@@ -20,6 +20,7 @@ adopted; that is the one case where a status could be taken.
 
 from __future__ import annotations
 
+import _posixsubprocess
 import ctypes
 import functools
 import os
@@ -27,8 +28,6 @@ import signal
 import sys
 import threading
 from typing import Any, Callable
-
-import _posixsubprocess
 
 PR_SET_CHILD_SUBREAPER = 36
 KILL_ROUNDS = 20  # bounds both the stop walks and the kill rounds

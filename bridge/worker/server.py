@@ -31,8 +31,7 @@ from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
 from bridge.wire.redact import learn
-from bridge.worker import paths
-from bridge.worker import children
+from bridge.worker import children, paths
 from bridge.worker.context import Context, Shared
 from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry

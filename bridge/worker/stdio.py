@@ -13,7 +13,6 @@ import sys
 from typing import Any, TextIO
 
 from bridge.wire.redact import redact
-
 from bridge.worker import children
 
 

@@ -22,7 +22,6 @@ import contextvars
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-import anyio
 
 from bridge.wire.errors import ErrorType, PeerError
 
@@ -44,9 +43,6 @@ class Threads:
         self.abandoned = 0  # calls running on although their caller has gone
         self._pending = 0  # submitted and not finished: running (at most ``limit``) plus queued
         self._executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="bridge-thread")
-        # Transitional: ``anyio.to_thread.run_sync(..., limiter=ctx.shared.threads)`` still works
-        # (``__aenter__``), with anyio's semantics; remove once every caller uses ``run_sync``.
-        self._legacy = anyio.CapacityLimiter(limit)
 
     @property
     def busy(self) -> int:
@@ -89,12 +85,6 @@ class Threads:
     def close(self) -> None:
         """Stop taking calls; queued ones are dropped (the worker is exiting)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-    async def __aenter__(self) -> None:
-        await self._legacy.acquire()
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self._legacy.release()
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[[_Call], None], call: _Call) -> None:
