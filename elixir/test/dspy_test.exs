@@ -179,6 +179,10 @@ defmodule DSPyBridge.DSPyTest do
     assert ref2 != ref
     assert {:ok, %{"answer" => "a"}} = DSPy.call_program(w, ref2, %{question: "q"}, s)
     assert :ok = DSPy.close_session(w, s[:session_id])
+    # the first request in a closed session says so, once; the session then starts afresh
+    assert {:error, %Error{type: "unknown_session", details: %{"reason" => "closed"}}} =
+             DSPy.call_program(w, ref, %{question: "q"}, s)
+
     assert {:error, %Error{type: "unknown_ref"}} = DSPy.call_program(w, ref, %{question: "q"}, s)
   end
 
