@@ -39,7 +39,7 @@ from bridge.worker.respond import Responder, cancelled, failure
 from bridge.worker.sessions import SessionStore
 from bridge.worker.threads import Threads
 from bridge.worker.tools import ToolBridge
-from bridge.worker.transport import FrameWriter, peer_closed, prepare_fd, read_some
+from bridge.worker.transport import FrameWriter, Reader, peer_closed, prepare_fd
 
 log = logging.getLogger("bridge.server")
 
@@ -119,11 +119,17 @@ class Server:
 
     async def _read_loop(self) -> None:
         decoder = framing.Decoder(self.config.max_frame_bytes, keep_raw=self.recorder is not None)
-        fd = self.config.in_fd
+        reader = Reader(self.config.in_fd)
+        try:
+            await self._read_frames(reader, decoder)
+        finally:
+            reader.close()
+
+    async def _read_frames(self, reader: Reader, decoder: framing.Decoder) -> None:
         writer, respond = self.writer, self.respond
         while True:
             try:
-                data, waited = await read_some(fd)
+                data, waited = await reader.read()
             except OSError:
                 data, waited = b"", True
             respond.read_arrived(time.perf_counter())
