@@ -30,6 +30,8 @@ from bridge.observe.current import REQUEST
 from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
+from bridge.wire.framing import Frame
+from bridge.wire.protocol import Request
 from bridge.wire.redact import learn
 from bridge.worker import children, paths
 from bridge.worker.context import Context, Shared
@@ -218,8 +220,12 @@ class Server:
         self.frames_in += 1
         if self.recorder is not None:
             self.recorder.frame_in(event)
-        if isinstance(event, framing.Frame):
-            self._dispatch(protocol.parse(event.body))
+        if type(event) is Frame:
+            parsed = protocol.parse(event.body)
+            if type(parsed) is Request:  # the common frame: one call fewer than through ``_dispatch``
+                self._on_request(parsed)
+            else:
+                self._dispatch(parsed)
         elif isinstance(event, framing.FrameTooLarge):
             if framing.looks_like_json(event.header):
                 log.warning("%s", framing.JSON_HINT)
@@ -287,7 +293,7 @@ class Server:
         telemetry, or a failing one, is answered at once with its own ``meta``."""
         respond = self.respond
         observed = req.telemetry or self.telemetry_all
-        ctx = Context(req, self.shared, respond.arrived, observed, opens=entry.opens_session)
+        ctx = Context(req, self.shared, respond.arrived, observed, False, entry.opens_session)
         if observed:
             _begin(ctx)
         try:
