@@ -162,7 +162,7 @@ def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
     err = body.get("error")
     if not ok and not isinstance(err, dict):
         err = {"type": "tool_error", "message": repr(err)}
-    return RpcResponse(body["rpc_id"], ok, body.get("result"), err)
+    return _new_tuple(RpcResponse, (body["rpc_id"], ok, body.get("result"), err))  # a host call's hot path
 
 
 # ---- worker -> host frames -------------------------------------------------------
