@@ -128,6 +128,7 @@ class Server:
             reader.close()
 
     async def _read_frames(self, reader: Reader, decoder: framing.Decoder) -> None:
+        """Decode each read's frames, dispatch them, and write their replies in one go."""
         writer, respond = self.writer, self.respond
         while True:
             try:
