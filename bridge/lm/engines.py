@@ -11,7 +11,6 @@ DSPy is imported lazily: this module is loaded before ``ready``.
 
 from __future__ import annotations
 
-import difflib
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -108,6 +107,8 @@ def option_warnings(options: dict[str, Any]) -> list[dict[str, Any]]:
     """``options`` (what went to ``dspy.LM``) that neither DSPy, the chosen engine, nor the
     bridge knows, as ``{option, message, did_you_mean?}``.  Provider options are an open
     set, so these are warnings: the option was still passed on."""
+    import difflib  # only when an option is unknown: kept off the start-up
+
     engine = options.get("engine")
     known = known_options(engine)
     warnings = []

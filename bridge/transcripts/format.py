@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any, Iterable, NamedTuple
 
 from bridge import __version__
@@ -37,6 +35,9 @@ HONOURED = {"meta", "telemetry", "slow_chunk_ms", "max_frame_bytes", "max_thread
 
 def header(options: dict[str, Any]) -> dict[str, Any]:
     """The first line of a segment: versions, start time, and the serve options a replay needs."""
+    from datetime import datetime, timezone
+    from importlib import metadata  # lazily: importlib.metadata costs about 10 ms before ready
+
     try:
         dspy_version = metadata.version("dspy")  # not ``import dspy``: that costs a second before ready
     except metadata.PackageNotFoundError:

@@ -16,6 +16,7 @@ HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+_new_tuple = tuple.__new__
 
 
 class Frame(NamedTuple):
@@ -96,7 +97,7 @@ def unpack_body(body: bytes | memoryview) -> Frame | BadFrame:
         return BadFrame(f"invalid msgpack: {exc}", len(body))
     if not isinstance(obj, dict):
         return BadFrame(f"frame is a {type(obj).__name__}, not a map", len(body))
-    return Frame(obj)
+    return _new_tuple(Frame, (obj, None))  # not ``Frame(obj)``: a NamedTuple's ``__new__`` is a Python call
 
 
 JSON_HINT = "this looks like JSON, not a frame; pipe JSON lines through `bridge encode` first"

@@ -67,6 +67,8 @@ def remember(value: str) -> None:
 def learn(value: Any) -> None:
     """Remember every string under a secret-named key of ``value`` (maps and lists, any depth:
     iterative, so no input is too deep for it)."""
+    if type(value) is dict and value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
+        return  # ``_flat_and_harmless`` inlined: the common request's args end here, without a call
     stack = [value]
     while stack:
         item = stack.pop()

@@ -7,7 +7,6 @@ lookup plus one branch.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import importlib
 import inspect
@@ -46,6 +45,8 @@ class Entry(NamedTuple):
 
 def unknown_argument_details(name: Any, known: Iterable[str]) -> dict:
     """``{argument, did_you_mean?, known}`` for an argument not in ``known``."""
+    import difflib  # only on this error path: kept off the start-up
+
     known = sorted(known)
     details: dict[str, Any] = {"argument": name}
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if isinstance(name, str) else []

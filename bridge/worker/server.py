@@ -30,6 +30,8 @@ from bridge.observe.current import REQUEST
 from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
+from bridge.wire.framing import Frame
+from bridge.wire.protocol import Request
 from bridge.wire.redact import learn
 from bridge.worker import children, paths
 from bridge.worker.context import Context, Shared
@@ -39,7 +41,7 @@ from bridge.worker.respond import Responder, cancelled, failure
 from bridge.worker.sessions import SessionStore
 from bridge.worker.threads import Threads
 from bridge.worker.tools import ToolBridge
-from bridge.worker.transport import FrameWriter, peer_closed, prepare_fd, read_some
+from bridge.worker.transport import FrameWriter, Reader, peer_closed, prepare_fd
 
 log = logging.getLogger("bridge.server")
 
@@ -119,11 +121,18 @@ class Server:
 
     async def _read_loop(self) -> None:
         decoder = framing.Decoder(self.config.max_frame_bytes, keep_raw=self.recorder is not None)
-        fd = self.config.in_fd
+        reader = Reader(self.config.in_fd)
+        try:
+            await self._read_frames(reader, decoder)
+        finally:
+            reader.close()
+
+    async def _read_frames(self, reader: Reader, decoder: framing.Decoder) -> None:
+        """Decode each read's frames, dispatch them, and write their replies in one go."""
         writer, respond = self.writer, self.respond
         while True:
             try:
-                data, waited = await read_some(fd)
+                data, waited = await reader.read()
             except OSError:
                 data, waited = b"", True
             respond.read_arrived(time.perf_counter())
@@ -212,8 +221,12 @@ class Server:
         self.frames_in += 1
         if self.recorder is not None:
             self.recorder.frame_in(event)
-        if isinstance(event, framing.Frame):
-            self._dispatch(protocol.parse(event.body))
+        if type(event) is Frame:
+            parsed = protocol.parse(event.body)
+            if type(parsed) is Request:  # the common frame: one call fewer than through ``_dispatch``
+                self._on_request(parsed)
+            else:
+                self._dispatch(parsed)
         elif isinstance(event, framing.FrameTooLarge):
             if framing.looks_like_json(event.header):
                 log.warning("%s", framing.JSON_HINT)
@@ -281,7 +294,7 @@ class Server:
         telemetry, or a failing one, is answered at once with its own ``meta``."""
         respond = self.respond
         observed = req.telemetry or self.telemetry_all
-        ctx = Context(req, self.shared, respond.arrived, observed, opens=entry.opens_session)
+        ctx = Context(req, self.shared, respond.arrived, observed, False, entry.opens_session)
         if observed:
             _begin(ctx)
         try:

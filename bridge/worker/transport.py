@@ -9,6 +9,7 @@ how a stalled host pushes back all the way to the handlers.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import select
@@ -47,18 +48,57 @@ def peer_closed(fd: int) -> bool:
     return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
-async def read_some(fd: int) -> tuple[bytes, bool]:
-    """Read what is available, waiting on the loop (never in a thread) when nothing is.
+class Reader:
+    """Reads the input descriptor, waiting on the loop (never in a thread) when nothing is there.
 
-    Also says whether it waited: a reader that never waits must yield by itself.
+    The descriptor stays registered with the loop between waits, so a host that sends one
+    request at a time costs no ``epoll_ctl`` and no anyio wrapper per request
+    (``anyio.wait_readable`` registers and unregisters on every wait).  A readiness
+    callback that finds nobody waiting unregisters it, so a reader busy elsewhere (a
+    congested writer, a checkpoint) never makes the loop spin.
     """
-    waited = False
-    while True:
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._registered = False
+
+    async def read(self) -> tuple[bytes, bool]:
+        """What is available, and whether it had to wait: a reader that never waits must yield by itself."""
+        waited = False
+        while True:
+            try:
+                return os.read(self.fd, READ_SIZE), waited
+            except BlockingIOError:
+                await self._readable()
+                waited = True
+
+    async def _readable(self) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        if not self._registered:
+            loop.add_reader(self.fd, self._on_readable)
+            self._registered = True
         try:
-            return os.read(fd, READ_SIZE), waited
-        except BlockingIOError:
-            await anyio.wait_readable(fd)
-            waited = True
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            self.close()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """Unregister from the loop (the next wait registers again)."""
+        if self._registered:
+            self._registered = False
+            self._loop.remove_reader(self.fd)  # type: ignore[union-attr]
 
 
 class FrameWriter:
