@@ -16,6 +16,7 @@ header line; the records after a header belong to that worker:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Any, Iterable, NamedTuple
@@ -53,7 +54,9 @@ def serve_argv(head: dict[str, Any]) -> list[str]:
     return options_argv({k: v for k, v in head.get("options", {}).items() if k not in NOT_REPLAYED})
 
 
+@functools.cache
 def _serve_actions() -> dict[str, Any]:
+    """The ``bridge serve`` flags by ``dest``: built once (replay asks for each header option)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_serve_options(parser)
     return {action.dest: action for action in parser._actions if action.option_strings}
