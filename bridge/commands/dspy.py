@@ -27,13 +27,13 @@ def warm_up() -> None:
     """Import DSPy and every module that needs it after ``ready`` (about 1 s), off the event loop."""
     import dspy  # noqa: F401
 
-    from bridge.lm import engines, scripted  # noqa: F401
+    from bridge.lm import call_path, engines, scripted  # noqa: F401
     from bridge.programs import calls, optimize, pipelines, react, streaming  # noqa: F401
     from bridge.programs.typenames import guard_dspy_parser
 
     guard_dspy_parser()  # a signature string reaching DSPy by any route imports nothing
 
-    engines.install_client_hooks()
+    call_path.install()
 
 
 # ---- language models ----------------------------------------------------------------

@@ -11,7 +11,6 @@ DSPy is imported lazily: this module is loaded before ``ready``.
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Callable
 
 from bridge.lm.offline import AsyncOfflineEngine, OfflineEngine
@@ -31,7 +30,6 @@ DEFAULT_MAX_CONNECTIONS = 1000
 """Connections one LM's native (lm15) client keeps open at once.  lm15's own default
 is 100, which makes 500 concurrent calls wait in waves of 100."""
 _LITELLM_READY = False
-_MAX_CONNECTIONS: ContextVar[int] = ContextVar("bridge_max_connections", default=DEFAULT_MAX_CONNECTIONS)
 
 # What a chat-completions server takes (OpenAI's parameters), beside DSPy's own LM
 # arguments and client settings: the options of ``lm.configure`` that draw no warning.
@@ -149,54 +147,6 @@ def connection_options(options: dict[str, Any]) -> tuple[int, bool]:
     if not isinstance(usage, bool):
         raise ValueError("'stream_usage' must be true or false")
     return limit, usage
-
-
-def install_client_hooks() -> None:
-    """Two changes to DSPy 3.4.1's per-call path, installed once in the warm-up:
-
-    - each LM's native client gets its ``max_connections``: DSPy builds lm15's
-      ``RouterConfig`` inside ``execution._select_engine`` without a connection
-      limit, so that function is wrapped to name the LM's limit, and the
-      ``RouterConfig`` it builds to apply it;
-    - ``model_metadata.model_info`` is memoized where capability planning and
-      pricing call it: for a model missing from DSPy's static price snapshot (any
-      self-hosted model) it scans every entry, several ms on each call.
-    """
-    import functools
-    from copy import deepcopy
-
-    from dspy.clients import capabilities, costs, execution
-
-    select = execution._select_engine
-    if getattr(select, "bridge_limit", False):
-        return
-    router_config = execution.RouterConfig
-
-    def limited_select(lm: Any, call: Any, asynchronous: bool) -> Any:
-        token = _MAX_CONNECTIONS.set(getattr(lm, "bridge_max_connections", DEFAULT_MAX_CONNECTIONS))
-        try:
-            return select(lm, call, asynchronous)
-        finally:
-            _MAX_CONNECTIONS.reset(token)
-
-    def limited_config(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("max_connections", _MAX_CONNECTIONS.get())
-        return router_config(*args, **kwargs)
-
-    limited_select.bridge_limit = True  # type: ignore[attr-defined]
-    execution._select_engine, execution.RouterConfig = limited_select, limited_config
-
-    original = costs.model_info
-    remembered = functools.lru_cache(maxsize=1024)(
-        lambda provider, model, namespaces: original(provider, model, namespaces=namespaces))
-
-    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> dict[str, Any]:
-        try:
-            return deepcopy(remembered(provider, model, None if namespaces is None else tuple(namespaces)))
-        except TypeError:  # an unhashable argument: ask DSPy directly
-            return original(provider, model, namespaces=namespaces)
-
-    costs.model_info = capabilities.model_info = model_info
 
 
 def preload_litellm() -> None:

@@ -1,0 +1,190 @@
+"""Changes to DSPy 3.4.1's per-call path, installed once by the warm-up (``install``).
+
+Each is measured in ``docs/performance.md`` ("500 concurrent predicts") and
+changes no result, only what a call costs:
+
+- each LM's native client gets its ``max_connections`` (lm15's default of 100
+  makes 500 concurrent calls wait in waves of 100);
+- ``model_info`` is memoized where capability planning and pricing call it, and
+  DSPy's price snapshot is loaded here, off the loop, instead of in a first call;
+- the pydantic ``TypeAdapter`` DSPy's adapters build for every field of every
+  call (``serialize_for_json``, ``parse_value``) is built once per type;
+- lm15 reads the proxy settings from the environment once, not on every call
+  (an ``os.environ`` scan per request);
+- DSPy's four thread hops per ``acall`` run inline when they cannot block
+  (``_inline``).
+
+They wrap DSPy internals, so each checks what it wraps and falls back to DSPy's
+own behaviour where it is unsure.  ``dspy>=3.4,<3.5`` is pinned for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+from copy import deepcopy
+from typing import Any, Callable
+
+from bridge.lm.engines import DEFAULT_MAX_CONNECTIONS
+
+_MAX_CONNECTIONS: contextvars.ContextVar[int] = contextvars.ContextVar("bridge_max_connections",
+                                                                       default=DEFAULT_MAX_CONNECTIONS)
+TYPE_ADAPTERS = 256
+"""Distinct types whose ``TypeAdapter`` is kept (an LRU: signatures may build types at run time)."""
+
+
+def install() -> None:
+    """Install every change once (the warm-up thread, after DSPy's import)."""
+    from dspy.clients import execution
+
+    if getattr(execution._select_engine, "bridge_limit", False):
+        return
+    _connection_limit()
+    _model_info()
+    _type_adapters()
+    _proxies_once()
+    _inline()
+
+
+def _connection_limit() -> None:
+    """DSPy builds lm15's ``RouterConfig`` inside ``execution._select_engine`` with no
+    connection limit: that function is wrapped to name the LM's, and the config to apply it."""
+    from dspy.clients import execution
+
+    select, router_config = execution._select_engine, execution.RouterConfig
+
+    def limited_select(lm: Any, call: Any, asynchronous: bool) -> Any:
+        token = _MAX_CONNECTIONS.set(getattr(lm, "bridge_max_connections", DEFAULT_MAX_CONNECTIONS))
+        try:
+            return select(lm, call, asynchronous)
+        finally:
+            _MAX_CONNECTIONS.reset(token)
+
+    def limited_config(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("max_connections", _MAX_CONNECTIONS.get())
+        return router_config(*args, **kwargs)
+
+    limited_select.bridge_limit = True  # type: ignore[attr-defined]
+    execution._select_engine, execution.RouterConfig = limited_select, limited_config
+
+
+def _model_info() -> None:
+    """For a model missing from DSPy's price snapshot (any self-hosted one) ``model_info``
+    scans every entry, several ms on each call; the snapshot itself (~100 ms to load) is
+    read here rather than by a first call."""
+    from dspy.clients import capabilities, costs, model_metadata
+
+    model_metadata._load()
+    original = costs.model_info
+    remembered = functools.lru_cache(maxsize=1024)(
+        lambda provider, model, namespaces: original(provider, model, namespaces=namespaces))
+
+    def model_info(provider: Any, model: Any, *, namespaces: Any = None) -> dict[str, Any]:
+        try:
+            return deepcopy(remembered(provider, model, None if namespaces is None else tuple(namespaces)))
+        except TypeError:  # an unhashable argument: ask DSPy directly
+            return original(provider, model, namespaces=namespaces)
+
+    costs.model_info = capabilities.model_info = model_info
+
+
+def _type_adapters() -> None:
+    """``dspy.adapters.utils`` builds ``TypeAdapter(type(value))`` per field per call (about
+    0.2 ms each); a ``TypeAdapter`` depends only on its type, so one per type is kept."""
+    from dspy.adapters import utils
+    from pydantic import TypeAdapter
+
+    if utils.TypeAdapter is not TypeAdapter:
+        return
+    kept = functools.lru_cache(maxsize=TYPE_ADAPTERS)(TypeAdapter)
+
+    def type_adapter(kind: Any, *args: Any, **kwargs: Any) -> TypeAdapter:
+        if args or kwargs:
+            return TypeAdapter(kind, *args, **kwargs)
+        try:
+            return kept(kind)
+        except TypeError:  # an unhashable annotation
+            return TypeAdapter(kind)
+
+    utils.TypeAdapter = type_adapter
+
+
+def _proxies_once() -> None:
+    """lm15 calls ``urllib.request.getproxies`` (a scan of the whole environment) for every
+    request.  A port's environment is set when it starts, so it is read once."""
+    from dspy._vendor.lm15.transports import _proxy
+
+    _proxy.getproxies = functools.cache(_proxy.getproxies)
+
+
+def _inline() -> None:
+    """Run DSPy's per-call thread hops inline when they cannot block.
+
+    ``acall`` sends four steps to the loop's default thread pool: capability planning,
+    call preparation, target resolution and pricing.  DSPy does so to protect any event
+    loop from their rare blocking cases (a LiteLLM import, reading a media file,
+    constructing a provider client, loading the price snapshot); otherwise each is
+    pure CPU of well under a millisecond, and the hop (a thread wake-up, a GIL hand-off,
+    a wake-up of the loop) costs more than the step: 500 concurrent predicts took
+    0.3 s longer with them.  Each rule below names the blocking case it rules out; a
+    step it does not rule out goes to the thread as before.
+    """
+    from dspy.clients import capabilities, execution
+    from dspy.clients.engines import lm15_engine
+
+    rules: dict[Callable[..., Any], Callable[..., bool]] = {
+        capabilities.capabilities: _litellm_loaded_or_native,
+        execution.prepare: _text_only,
+        execution._price_result: lambda *args, **kwargs: True,  # the snapshot is loaded by ``_model_info``
+        lm15_engine._Routing._target: _provider_built,
+    }
+    to_thread = asyncio.to_thread
+
+    async def inline_or_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        rule = rules.get(getattr(func, "__func__", func))
+        if rule is not None and rule(func, *args, **kwargs):
+            return contextvars.copy_context().run(func, *args, **kwargs)  # isolated like a thread's context
+        return await to_thread(func, *args, **kwargs)
+
+    asyncio.to_thread = inline_or_thread
+
+
+def _litellm_loaded_or_native(func: Any, lm: Any, *args: Any, **kwargs: Any) -> bool:
+    """Capability planning imports LiteLLM for a call routed through it: inline once LiteLLM
+    is loaded, or for an LM on its native route.  The route depends on the LM and on client
+    settings given per call; an LM's own route is settled once (offline, as DSPy does)."""
+    import sys
+
+    from dspy.clients.backend_selection import CLIENT_KEYS, select_backend
+    from dspy.clients.capabilities import _planning
+
+    if "litellm" in sys.modules:
+        return True
+    scope = _planning.get()
+    if scope is not None and scope.lm is lm and scope.options and not CLIENT_KEYS.isdisjoint(scope.options):
+        return False
+    native = getattr(lm, "bridge_native", None)
+    if native is None:
+        try:
+            native = bool(select_backend(lm).native)
+        except Exception:  # DSPy raises it again in the thread, where it is reported
+            return False
+        lm.bridge_native = native
+    return native
+
+
+def _text_only(func: Any, lm: Any, prompt: Any, messages: Any, kwargs: Any, **options: Any) -> bool:
+    """Preparation snapshots media, which may read files: inline only for text."""
+    if "request" in kwargs:
+        return False
+    if messages is None:
+        return isinstance(prompt, str)
+    return isinstance(messages, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                              for m in messages)
+
+
+def _provider_built(func: Any, request: Any, **kwargs: Any) -> bool:
+    """Resolving the target constructs the provider's client once (it may load
+    credentials): inline once this engine has built one."""
+    return bool(getattr(func.__self__, "_providers", None))
