@@ -120,3 +120,22 @@ def test_install_is_idempotent():
     to_thread = asyncio.to_thread
     call_path.install()
     assert asyncio.to_thread is to_thread
+
+
+def test_model_names_resolve_as_dspy_resolves_them_with_one_kept_engine(server):
+    from dspy.clients.backend_selection import select_backend
+    from dspy.clients.engines.lm15_engine import LM15Engine
+    from dspy.lm15 import RouterConfig
+
+    for model in ("openai/m", "anthropic/claude-x", "openai-chat:gpt-x"):
+        lm = dspy.LM(model, api_key="sk-test", cache=False)
+        fresh = LM15Engine(RouterConfig(env={}, providers=()), model_type="chat").resolve(model)
+        assert capabilities.resolve(lm) == select_backend(lm).resolution == fresh
+        assert capabilities.resolve(lm) is capabilities.resolve(lm)  # remembered, not resolved again
+
+
+def test_dspy_keeps_no_call_history_in_the_worker(server):
+    lm = native_lm(server)
+    hops_per_call(lm, 2)
+    assert dspy.settings.disable_history
+    assert lm.history == []

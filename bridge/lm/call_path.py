@@ -11,8 +11,12 @@ changes no result, only what a call costs:
   call (``serialize_for_json``, ``parse_value``) is built once per type;
 - lm15 reads the proxy settings from the environment once, not on every call
   (an ``os.environ`` scan per request);
+- backend selection keeps the offline engine it resolves model names with, instead
+  of building one (and its router) twice per call, and an engine remembers how it
+  resolved a model name (offline routing, a pure function of its frozen config);
 - DSPy's four thread hops per ``acall`` run inline when they cannot block
-  (``_inline``).
+  (``_inline``);
+- DSPy's call history is off (``_no_history``).
 
 They wrap DSPy internals, so each checks what it wraps and falls back to DSPy's
 own behaviour where it is unsure.  ``dspy>=3.4,<3.5`` is pinned for that reason.
@@ -30,6 +34,8 @@ from bridge.lm.engines import DEFAULT_MAX_CONNECTIONS
 
 _MAX_CONNECTIONS: contextvars.ContextVar[int] = contextvars.ContextVar("bridge_max_connections",
                                                                        default=DEFAULT_MAX_CONNECTIONS)
+ROUTES = 64
+"""Model names one engine remembers the route of (an engine serves one model in DSPy)."""
 TYPE_ADAPTERS = 256
 """Distinct types whose ``TypeAdapter`` is kept (an LRU: signatures may build types at run time)."""
 
@@ -44,7 +50,9 @@ def install() -> None:
     _model_info()
     _type_adapters()
     _proxies_once()
+    _offline_engines()
     _inline()
+    _no_history()
 
 
 def _connection_limit() -> None:
@@ -118,6 +126,59 @@ def _proxies_once() -> None:
     _proxy.getproxies = functools.cache(_proxy.getproxies)
 
 
+def _offline_engines() -> None:
+    """DSPy resolves a model name offline (``env={}``) three times per call, in backend
+    selection (twice) and pricing, each time through a new ``LM15Engine`` whose router
+    checks every provider binding (about 0.2 ms).  One engine per (providers, model
+    type) is kept: resolving is what DSPy's own long-lived engines do on every call."""
+    from dspy.clients import backend_selection, capabilities
+    from dspy.lm15 import _definitions
+
+    build = backend_selection.LM15Engine
+    kept = functools.lru_cache(maxsize=64)(
+        lambda providers, model_type: build(backend_selection.RouterConfig(env={}, providers=providers),
+                                            model_type=model_type))
+
+    def offline_engine(config: Any = None, *, model_type: str = "chat") -> Any:
+        if config is not None and config.env == {}:  # select_backend's only construction
+            try:
+                return kept(config.providers, model_type)
+            except TypeError:  # an unhashable provider definition
+                pass
+        return build(config, model_type=model_type)
+
+    original = capabilities.resolve
+
+    def resolve(lm: Any) -> Any:
+        try:
+            engine = kept(_definitions(getattr(lm, "_providers", ())), lm.model_type)
+        except TypeError:
+            return original(lm)
+        return engine.resolve(lm.model)
+
+    backend_selection.LM15Engine, capabilities.resolve = offline_engine, resolve
+    _remembered_routes()
+
+
+def _remembered_routes() -> None:
+    """An lm15 engine resolves its model name (offline: no network, no credential) on every
+    call, several times; its config is frozen, so each engine keeps its answers."""
+    from dspy.clients.engines import lm15_engine
+
+    resolve = lm15_engine._Routing.resolve
+
+    def remembered(engine: Any, model: str) -> Any:
+        routes = engine.__dict__.setdefault("bridge_routes", {})
+        route = routes.get(model)
+        if route is None:
+            route = resolve(engine, model)
+            if len(routes) < ROUTES:
+                routes[model] = route
+        return route
+
+    lm15_engine._Routing.resolve = remembered
+
+
 def _inline() -> None:
     """Run DSPy's per-call thread hops inline when they cannot block.
 
@@ -148,6 +209,18 @@ def _inline() -> None:
         return await to_thread(func, *args, **kwargs)
 
     asyncio.to_thread = inline_or_thread
+
+
+def _no_history() -> None:
+    """DSPy keeps every call (messages, reply, usage) in a global history and in each LM's,
+    up to 10,000 entries each.  In a long-lived worker that is memory growing with prompt
+    size and session count, and garbage-collector work on every call.  The worker accounts
+    for calls itself (``meta``, telemetry, transcripts), so the default is set off; without
+    claiming ``dspy.configure`` (only its first thread may call it), which stays the
+    operator's: a handler module may turn history back on."""
+    import importlib
+
+    importlib.import_module("dspy.dsp.utils.settings").main_thread_config["disable_history"] = True
 
 
 def _litellm_loaded_or_native(func: Any, lm: Any, *args: Any, **kwargs: Any) -> bool:
