@@ -3,7 +3,10 @@
 It speaks the port driver's line protocol (a ``ready`` line, then ``predict N``
 answered with ``{"value": µs per call}``), so the bench alternates it with the
 worker behind the port like any other peer.  Same LM as the driver's
-``predict`` scenario: the scripted engine, one ``when`` reply, no latency.
+``predict`` scenario: the scripted engine, one ``when`` reply, no latency.  DSPy runs
+unchanged, as a user's own process runs it; with ``--call-path`` its per-call path is
+changed as in the worker (``bridge.lm.call_path``), so the ratio is the worker's own
+overhead per call.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ ANSWER = " ".join(f"word{i}" for i in range(1, 21))  # the driver's answer_text(
 async def predict_us(n: int) -> float:
     import dspy
 
+    from bridge.lm import call_path
     from bridge.lm.engines import build_lm
+
+    if "--call-path" in sys.argv:
+        call_path.install()
 
     lm = build_lm("scripted/bench", {"script": [{"when": {}, "reply": {"answer": ANSWER}}]})
     program = dspy.Predict("question -> answer")
