@@ -1,7 +1,7 @@
 """Changes to DSPy 3.4.1's per-call path, installed once by the warm-up (``install``).
 
-Each is measured in ``docs/performance.md`` ("500 concurrent predicts") and
-changes no result, only what a call costs:
+Each is measured in ``docs/performance.md`` ("500 concurrent predicts"); none
+changes what a program returns, only what a call costs:
 
 - each LM's native client gets its ``max_connections`` (lm15's default of 100
   makes 500 concurrent calls wait in waves of 100);
@@ -11,12 +11,12 @@ changes no result, only what a call costs:
   call (``serialize_for_json``, ``parse_value``) is built once per type;
 - lm15 reads the proxy settings from the environment once, not on every call
   (an ``os.environ`` scan per request);
-- backend selection keeps the offline engine it resolves model names with, instead
-  of building one (and its router) twice per call, and an engine remembers how it
+- model names are resolved by one kept offline engine, not by a new one (and its
+  router) three times per call, and an engine remembers how it
   resolved a model name (offline routing, a pure function of its frozen config);
 - DSPy's four thread hops per ``acall`` run inline when they cannot block
   (``_inline``);
-- DSPy's call history is off (``_no_history``).
+- DSPy's call history is off (``_no_history``): ``lm.history`` stays empty.
 
 They wrap DSPy internals, so each checks what it wraps and falls back to DSPy's
 own behaviour where it is unsure.  ``dspy>=3.4,<3.5`` is pinned for that reason.
