@@ -293,6 +293,20 @@ def test_max_connections_bounds_the_native_clients_connections(w, server):
     assert _most_at_once(server, model) == 6
 
 
+def test_stream_usage_off_stops_the_native_client_asking_for_it(w, server):
+    session, model = setup(w, server, "lm15", always({"answer": "x y"}), lm={"stream_usage": False})
+    call = w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session)
+    assert "".join(c["text"] for c in call if c.get("event") == "token") == "x y"
+    assert call.terminal["type"] == "result", call.terminal
+    assert call.terminal["meta"]["lm"]["calls"] == 1  # tokens unknown: the server sent no usage unasked
+    [request] = server.events("request", model)
+    assert request["stream"] and not request["stream_options"]
+    session, model = setup(w, server, "lm15", always({"answer": "x y"}))  # the default still asks
+    list(w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session))
+    [request] = server.events("request", model)
+    assert request["stream"] and request["include_usage"]
+
+
 def test_stream_usage_off_stops_asking_litellm_for_it(w, server):
     session, model = setup(w, server, "litellm", always({"answer": "x y"}), lm={"stream_usage": False})
     list(w.request("dspy.stream", {"signature": QA, "inputs": {"question": "q"}}, session_id=session))

@@ -16,7 +16,9 @@ changes what a program returns, only what a call costs:
   resolved a model name (offline routing, a pure function of its frozen config);
 - DSPy's four thread hops per ``acall`` run inline when they cannot block
   (``_inline``);
-- DSPy's call history is off (``_no_history``): ``lm.history`` stays empty.
+- DSPy's call history is off (``_no_history``): ``lm.history`` stays empty;
+- ``lm.configure``'s ``stream_usage: false`` reaches the native client
+  (``_stream_usage_option``), whose OpenAI preset always asks for stream usage.
 
 They wrap DSPy internals, so each checks what it wraps and falls back to DSPy's
 own behaviour where it is unsure.  ``dspy>=3.4,<3.5`` is pinned for that reason.
@@ -51,6 +53,7 @@ def install() -> None:
     _type_adapters()
     _proxies_once()
     _offline_engines()
+    _stream_usage_option()
     _inline()
     _no_history()
 
@@ -65,9 +68,15 @@ def _connection_limit() -> None:
     def limited_select(lm: Any, call: Any, asynchronous: bool) -> Any:
         token = _MAX_CONNECTIONS.set(getattr(lm, "bridge_max_connections", DEFAULT_MAX_CONNECTIONS))
         try:
-            return select(lm, call, asynchronous)
+            selected = select(lm, call, asynchronous)
         finally:
             _MAX_CONNECTIONS.reset(token)
+        if getattr(lm, "bridge_stream_usage", True) is False:  # for ``_stream_usage_option``
+            try:
+                selected[0].bridge_stream_usage = False
+            except AttributeError:  # an engine with slots: not the native client
+                pass
+        return selected
 
     def limited_config(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("max_connections", _MAX_CONNECTIONS.get())
@@ -177,6 +186,33 @@ def _remembered_routes() -> None:
         return route
 
     lm15_engine._Routing.resolve = remembered
+
+
+def _stream_usage_option() -> None:
+    """lm15's OpenAI preset sends ``stream_options.include_usage`` with every stream, which
+    some OpenAI-compatible servers reject.  An LM configured with ``stream_usage: false``
+    marks its engine (``_connection_limit``), the engine marks the provider client it
+    resolves a stream to, and that client's request body leaves ``stream_options`` out."""
+    from dspy._vendor.lm15.providers import openai_chat
+    from dspy.clients.engines import lm15_engine
+
+    target, payload = lm15_engine._Routing._target, openai_chat.OpenAIChatLM._payload
+
+    @functools.wraps(target)
+    def marked_target(engine: Any, request: Any, *, streaming: bool = False) -> Any:
+        provider, routed = target(engine, request, streaming=streaming)
+        if getattr(engine, "bridge_stream_usage", True) is False:
+            getattr(provider, "_inner", provider).bridge_stream_usage = False  # the async client's body builder
+        return provider, routed
+
+    @functools.wraps(payload)
+    def body(provider: Any, request: Any, stream: bool) -> dict[str, Any]:
+        built = payload(provider, request, stream)
+        if stream and getattr(provider, "bridge_stream_usage", True) is False:
+            built.pop("stream_options", None)
+        return built
+
+    lm15_engine._Routing._target, openai_chat.OpenAIChatLM._payload = marked_target, body
 
 
 def _inline() -> None:
