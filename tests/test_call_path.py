@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
@@ -139,3 +140,13 @@ def test_dspy_keeps_no_call_history_in_the_worker(server):
     hops_per_call(lm, 2)
     assert dspy.settings.disable_history
     assert lm.history == []
+
+
+def test_other_callables_still_go_to_a_thread_even_unhashable_ones():
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self) -> str:
+            return threading.current_thread().name
+
+    assert asyncio.run(asyncio.to_thread(Unhashable())) != threading.main_thread().name

@@ -230,20 +230,22 @@ def _inline() -> None:
     from dspy.clients import capabilities, execution
     from dspy.clients.engines import lm15_engine
 
-    rules: dict[Callable[..., Any], Callable[..., bool]] = {
-        capabilities.capabilities: _litellm_loaded_or_native,
-        execution.prepare: _text_only,
-        execution._price_result: lambda *args, **kwargs: True,  # the snapshot is loaded by ``_model_info``
-        lm15_engine._Routing._target: _provider_built,
-    }
+    steps: tuple[tuple[Callable[..., Any], Callable[..., bool]], ...] = (
+        (capabilities.capabilities, _litellm_loaded_or_native),
+        (execution.prepare, _text_only),
+        (execution._price_result, lambda *args, **kwargs: True),  # the snapshot is loaded by ``_model_info``
+        (lm15_engine._Routing._target, _provider_built),
+    )
+    rules = {id(step): rule for step, rule in steps}
     to_thread = asyncio.to_thread
 
     async def inline_or_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        rule = rules.get(getattr(func, "__func__", func))
+        rule = rules.get(id(getattr(func, "__func__", func)))  # by identity: any callable may come here
         if rule is not None and rule(func, *args, **kwargs):
             return contextvars.copy_context().run(func, *args, **kwargs)  # isolated like a thread's context
         return await to_thread(func, *args, **kwargs)
 
+    inline_or_thread.bridge_steps = steps  # type: ignore[attr-defined]  (keeps the ids' objects alive)
     asyncio.to_thread = inline_or_thread
 
 
