@@ -48,30 +48,33 @@ def install() -> None:
 
     if getattr(execution._select_engine, "bridge_limit", False):
         return
-    _connection_limit()
+    _lm_settings()
     _model_info()
     _type_adapters()
     _proxies_once()
     _offline_engines()
+    _remembered_routes()
     _stream_usage_option()
-    _inline()
+    _inline()  # after ``_stream_usage_option``: its rules name the wrapped ``_target``
     _no_history()
 
 
-def _connection_limit() -> None:
-    """DSPy builds lm15's ``RouterConfig`` inside ``execution._select_engine`` with no
-    connection limit: that function is wrapped to name the LM's, and the config to apply it."""
+def _lm_settings() -> None:
+    """Carry two of ``lm.configure``'s settings from the LM to the engine DSPy selects for it
+    in ``execution._select_engine``: ``max_connections``, which DSPy never gives lm15's
+    ``RouterConfig`` (the config built inside is wrapped to apply it), and a
+    ``stream_usage: false`` mark on the engine, for ``_stream_usage_option``."""
     from dspy.clients import execution
 
     select, router_config = execution._select_engine, execution.RouterConfig
 
-    def limited_select(lm: Any, call: Any, asynchronous: bool) -> Any:
+    def with_lm_settings(lm: Any, call: Any, asynchronous: bool) -> Any:
         token = _MAX_CONNECTIONS.set(getattr(lm, "bridge_max_connections", DEFAULT_MAX_CONNECTIONS))
         try:
             selected = select(lm, call, asynchronous)
         finally:
             _MAX_CONNECTIONS.reset(token)
-        if getattr(lm, "bridge_stream_usage", True) is False:  # for ``_stream_usage_option``
+        if getattr(lm, "bridge_stream_usage", True) is False:
             try:
                 selected[0].bridge_stream_usage = False
             except AttributeError:  # an engine with slots: not the native client
@@ -82,8 +85,8 @@ def _connection_limit() -> None:
         kwargs.setdefault("max_connections", _MAX_CONNECTIONS.get())
         return router_config(*args, **kwargs)
 
-    limited_select.bridge_limit = True  # type: ignore[attr-defined]
-    execution._select_engine, execution.RouterConfig = limited_select, limited_config
+    with_lm_settings.bridge_limit = True  # type: ignore[attr-defined]
+    execution._select_engine, execution.RouterConfig = with_lm_settings, limited_config
 
 
 def _model_info() -> None:
@@ -166,7 +169,6 @@ def _offline_engines() -> None:
         return engine.resolve(lm.model)
 
     backend_selection.LM15Engine, capabilities.resolve = offline_engine, resolve
-    _remembered_routes()
 
 
 def _remembered_routes() -> None:
@@ -191,7 +193,7 @@ def _remembered_routes() -> None:
 def _stream_usage_option() -> None:
     """lm15's OpenAI preset sends ``stream_options.include_usage`` with every stream, which
     some OpenAI-compatible servers reject.  An LM configured with ``stream_usage: false``
-    marks its engine (``_connection_limit``), the engine marks the provider client it
+    marks its engine (``_lm_settings``), the engine marks the provider client it
     resolves a stream to, and that client's request body leaves ``stream_options`` out."""
     from dspy._vendor.lm15.providers import openai_chat
     from dspy.clients.engines import lm15_engine
