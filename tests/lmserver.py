@@ -13,8 +13,11 @@ One asyncio loop in a daemon thread serves every connection (backlog 2048,
 so hundreds connect at once).  Every request, every reply, every client
 disconnect before the reply ended (``disconnect``), every reply the server cut
 (``dropped``) and any failure of the server itself (``server_error``) goes to
-``log`` with its ``time.monotonic()``; tests wait on it with ``wait_for``.  Replies carry ``Connection: close``: one request
-per connection, so a closed connection always means a closed request.
+``log`` with its ``time.monotonic()``; tests wait on it with ``wait_for``.  A
+``reply`` is logged just before the reply's last bytes are written, so a client
+that has read a whole reply finds it in the log.  Replies carry ``Connection:
+close``: one request per connection, so a closed connection always means a
+closed request.
 """
 
 from __future__ import annotations
@@ -191,12 +194,14 @@ class LMServer:
         used_in = sum(len(chat_text(m).split()) for m in body.get("messages") or [])
         usage = {"prompt_tokens": used_in, "completion_tokens": len(text.split()),
                  "total_tokens": used_in + len(text.split())}
+        def replied() -> None:  # logged before the reply's last bytes: a client that has them sees it here
+            self._note("reply", n=n, model=name, usage=usage, stream=stream, fault=fault)
+
         if stream:
-            await self._stream(n, name, model, text, usage if include_usage else None, fault, writer)
+            await self._stream(n, name, model, text, usage if include_usage else None, fault, writer, replied)
         else:
             await asyncio.sleep(model.token_delay_ms * len(model.engine.pieces(text)) / 1000)
-            await self._json(n, name, text, usage, fault, writer)
-        self._note("reply", n=n, model=name, usage=usage, stream=stream, fault=fault)
+            await self._json(n, name, text, usage, fault, writer, replied)
 
     async def _error(self, writer: asyncio.StreamWriter, status: int, message: str,
                      extra: dict[str, str] | None = None) -> None:
@@ -213,7 +218,7 @@ class LMServer:
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
     async def _json(self, n: int, name: str, text: str, usage: dict[str, int], fault: str | None,
-                    writer: asyncio.StreamWriter) -> None:
+                    writer: asyncio.StreamWriter, replied: Callable[[], None]) -> None:
         payload = json.dumps({"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
                               "model": name, "usage": usage,
                               "choices": [{"index": 0, "finish_reason": "stop",
@@ -225,11 +230,12 @@ class LMServer:
             writer.write(payload[: len(payload) // 2])
             await writer.drain()
             raise Disconnected  # ends the connection mid-body
+        replied()
         writer.write(payload)
         await writer.drain()
 
     async def _stream(self, n: int, name: str, model: Model, text: str, usage: dict[str, int] | None,
-                      fault: str | None, writer: asyncio.StreamWriter) -> None:
+                      fault: str | None, writer: asyncio.StreamWriter, replied: Callable[[], None]) -> None:
         self._head(writer, 200, "text/event-stream", {"Transfer-Encoding": "chunked"})
 
         async def send(data: str) -> None:
@@ -250,6 +256,7 @@ class LMServer:
             if fault == "drop" and i == len(pieces) // 2:
                 raise Disconnected
             await send(chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}))
+        replied()
         await send(chunk({}, "stop"))
         if usage is not None:
             await send(json.dumps({"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "model": name,
