@@ -28,11 +28,14 @@ class FakeWriter:
         self.congested = False
         self.sent = anyio.Event()
 
-    def send(self, frame: dict, extra: bytes = b"") -> int:
+    def send(self, frame: dict, extra: bytes = b"", named: bool = False) -> int:
         self.frames.append(frame)
         self.sent.set()
         self.sent = anyio.Event()
         return 1
+
+    def send_chunk(self, prefix: bytes, rid: Any, seq: int, data: Any) -> int:
+        return self.send(protocol.chunk(rid, seq, data))
 
     async def next_frame(self, count: int) -> dict:
         """The ``count``-th frame (1-based), waiting until it is sent."""

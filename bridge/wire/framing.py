@@ -14,6 +14,7 @@ import msgpack
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+COPY_BYTES = 4096  # bodies up to this size are decoded from a copy, larger ones in place
 
 _packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 _new_tuple = tuple.__new__
@@ -83,7 +84,19 @@ def encode_result(prefix: bytes, rid: Any, data: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def chunk_prefix(rid: Any) -> bytes:
+    """The constant start of a request's ``chunk`` frames' bodies, up to the ``seq`` value."""
+    return b"\x84" + _CHUNK_TYPE + _ID_KEY + _packer.pack(rid) + _SEQ_KEY
+
+
+def encode_chunk(prefix: bytes, seq: int, data: Any) -> bytes:
+    """A ``chunk`` frame from ``chunk_prefix``: the streams' hot path (two values packed per chunk)."""
+    body = b"".join((prefix, _packer.pack(seq), _DATA_KEY, _packer.pack(data)))
+    return HEADER.pack(len(body)) + body
+
+
 _RESULT_TYPE = msgpack.packb("type") + msgpack.packb("result")
+_CHUNK_TYPE, _SEQ_KEY = msgpack.packb("type") + msgpack.packb("chunk"), msgpack.packb("seq")
 META_KEY, _ID_KEY, _DATA_KEY = msgpack.packb("meta"), msgpack.packb("id"), msgpack.packb("data")
 
 
@@ -155,7 +168,9 @@ class Decoder:
                     continue
                 if end - pos - 4 < size:
                     break
-                event = unpack_body(view[pos + 4 : pos + 4 + size])
+                start = pos + 4
+                # a small body as a copy: msgpack takes a memoryview's buffer at about 0.4 µs more
+                event = unpack_body(buf[start:start + size] if size <= COPY_BYTES else view[start:start + size])
                 if self.keep_raw:  # a copy: no view may outlive this call (the buffer is resized)
                     event = event._replace(raw=bytes(view[pos + 4 : pos + 4 + size]))
                 events.append(event)

@@ -101,6 +101,11 @@ def redact(value: Any, encoded: bytes | None = None) -> Any:
     return _redact_map(value, values, 0) if type(value) is dict else _walk(value, values, 0)
 
 
+def holds_secret(encoded: bytes) -> bool:
+    """Does a known secret occur in ``encoded`` (a packed frame)?  One C-speed scan."""
+    return _binary is not None and _binary.search(encoded) is not None
+
+
 def _walk(value: Any, values: bool, depth: int) -> Any:
     kind = type(value)
     if kind is dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 import anyio
 import anyio.from_thread
@@ -17,7 +17,7 @@ import anyio.lowlevel
 
 from bridge.observe.metrics import LmUsage
 from bridge.observe.telemetry import Post, Telemetry
-from bridge.wire import protocol
+from bridge.wire import framing, protocol
 from bridge.wire.errors import RequestClosed
 from bridge.worker.tools import CLOSED
 
@@ -45,30 +45,60 @@ class Shared(NamedTuple):
     stats: Callable[[], dict[str, Any]]  # the worker's ``stats`` snapshot
 
 
-class Context:
-    """What a handler knows about its request.  Cheap to create: slots only.
+class RequestView:
+    """What any handler knows about its request: its id, command and session, and the worker's
+    ``shared`` collaborators.  An inline handler gets just this: it runs inside the reader,
+    so it can neither stream nor call host tools, and building it costs a fifth of a ``Context``."""
 
-    A request run as a task is metered for its own ``meta`` (perf_counter seconds,
-    see ``observe.metrics.request_meta``); an inline one that succeeds shares its
+    __slots__ = ("id", "command", "session_id", "opens", "shared")
+
+    def __init__(self, req: protocol.Request, shared: Shared, opens: bool = False) -> None:
+        self.id = req.id
+        self.command = req.command
+        self.session_id = req.session_id
+        self.opens = opens  # the command sets its session up: an ended one starts afresh
+        self.shared = shared
+
+    @property
+    def cancelled(self) -> bool:
+        """False: an inline request runs to its end at once (``Context`` overrides this)."""
+        return False
+
+    @property
+    def log(self) -> logging.LoggerAdapter:
+        return logging.LoggerAdapter(_log, {"request_id": self.id})
+
+    @property
+    def session(self) -> "Session":
+        """The request's session (``session_id``, or the default one); created on first use.
+        ``unknown_session`` once for one that expired or was closed, unless the command opens it."""
+        return self.shared.sessions.get_or_create(self.session_id, self.opens)
+
+
+class Context(RequestView):
+    """The context of a request run as a task: chunks, credit, host tools, the deadline.  Slots only.
+
+    It is metered for its own ``meta`` (perf_counter seconds, see
+    ``observe.metrics.request_meta``); an inline request that succeeds shares its
     group's ``meta`` instead (``worker.respond``).
     """
 
-    __slots__ = ("id", "command", "session_id", "opens", "deadline", "seq", "closed", "parked", "shared",
+    __slots__ = ("deadline", "seq", "closed", "parked",
                  "_writer", "_credit", "_waiters", "_since_yield",
                  "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
-                 "_watch_chunks")
+                 "_watch_chunks", "_chunk_prefix")
 
     def __init__(self, req: protocol.Request, shared: Shared, arrived: float, observed: bool = False,
                  lm: bool = False, opens: bool = False) -> None:
         self.id = req.id
         self.command = req.command
         self.session_id = req.session_id
-        self.opens = opens  # the command sets its session up: an ended one starts afresh
+        self.opens = opens
+        self.shared = shared
         self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
         self.seq = 0
         self.closed = False
         self.parked: set[Slot] = set()  # this request's host calls waiting for an answer
-        self.shared = shared
         self._writer = shared.writer
         self._credit = req.window
         self._waiters: list[anyio.Event] | None = None  # emitters waiting for credit, one event each
@@ -83,6 +113,7 @@ class Context:
         self.telemetry = (Telemetry(self, shared.config.slow_chunk_ms, self._writer.send, shared.post)
                           if observed else None)
         self._watch_chunks = True  # the first chunk's time, then every chunk's with telemetry
+        self._chunk_prefix: bytes | None = None  # built with the first chunk
 
     # ---- state -----------------------------------------------------------------
 
@@ -90,16 +121,6 @@ class Context:
     def cancelled(self) -> bool:
         """True once the request was cancelled, timed out or ended: cooperative code stops."""
         return self.closed or (self.deadline is not None and time.monotonic() >= self.deadline)
-
-    @property
-    def log(self) -> logging.LoggerAdapter:
-        return logging.LoggerAdapter(_log, {"request_id": self.id})
-
-    @property
-    def session(self) -> "Session":
-        """The request's session (``session_id``, or the default one); created on first use.
-        ``unknown_session`` once for one that expired or was closed, unless the command opens it."""
-        return self.shared.sessions.get_or_create(self.session_id, self.opens)
 
     # ---- chunks ----------------------------------------------------------------
 
@@ -112,7 +133,10 @@ class Context:
                 await self._wait_for_credit()
             self._credit -= 1
         writer = self._writer
-        self.chunk_bytes += writer.send(protocol.chunk(self.id, self.seq, data))
+        prefix = self._chunk_prefix
+        if prefix is None:
+            prefix = self._chunk_prefix = framing.chunk_prefix(self.id)
+        self.chunk_bytes += writer.send_chunk(prefix, self.id, self.seq, data)
         if self._watch_chunks:
             self._watched_chunk()
         self.seq += 1
@@ -166,13 +190,15 @@ class Context:
 
     # ---- host tools --------------------------------------------------------------
 
-    async def call_tool(self, name: str, *args: Any, timeout_ms: int | None = None, **kwargs: Any) -> Any:
-        """Call tool ``name`` on the host and wait for its answer (``rpc_request``/``rpc_response``).
+    def call_tool(self, name: str, *args: Any, timeout_ms: int | None = None, **kwargs: Any) -> Awaitable[Any]:
+        """Call tool ``name`` on the host; await the answer (``rpc_request``/``rpc_response``).
 
         Raises ``ToolError`` for the host's error answer and ``TimeoutError`` when
         no answer comes in time.  ``timeout_ms`` is reserved for the call itself.
+        Not a coroutine function itself: the caller awaits the bridge's call directly,
+        one coroutine frame fewer to resume per answer.
         """
-        return await self.shared.tools.call(self, name, list(args), kwargs, timeout_ms)
+        return self.shared.tools.call(self, name, list(args), kwargs, timeout_ms)
 
     def call_tool_blocking(self, name: str, *args: Any, timeout_ms: int | None = None, **kwargs: Any) -> Any:
         """``call_tool`` for code running in a worker thread."""

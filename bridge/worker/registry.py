@@ -77,21 +77,21 @@ class Registry:
     """Command name -> ``Entry``.  One process-wide instance, ``REGISTRY``."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, Entry] = {}
+        self.entries: dict[str, Entry] = {}  # read by the server's dispatch; change it through ``add``
         self.warmups: list[Callable[[], None]] = []
 
     def add(self, name: str, fn: Callable[..., Any], *, inline: bool = False,
             needs_dspy: bool = False, args: Iterable[str] | None = None, opens_session: bool = False) -> Entry:
         entry = Entry(name, fn, classify(fn, inline), needs_dspy, None if args is None else frozenset(args),
                       opens_session)
-        self._entries[name] = entry
+        self.entries[name] = entry
         return entry
 
     def get(self, name: str) -> Entry | None:
-        return self._entries.get(name)
+        return self.entries.get(name)
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self.entries)
 
     def warmup(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Run ``fn`` in a thread right after ``ready``; ``needs_dspy`` requests wait for it."""

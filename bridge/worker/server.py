@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from contextlib import aclosing
+from functools import partial
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -31,10 +32,10 @@ from bridge.observe.metrics import WorkerMetrics, rss_bytes
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, RequestClosed
 from bridge.wire.framing import Frame
-from bridge.wire.protocol import Request
+from bridge.wire.protocol import Request, RpcResponse
 from bridge.wire.redact import learn
 from bridge.worker import children, paths
-from bridge.worker.context import Context, Shared
+from bridge.worker.context import Context, RequestView, Shared
 from bridge.worker.options import Config
 from bridge.worker.registry import REGISTRY, Entry, Kind, Registry
 from bridge.worker.respond import Responder, cancelled, failure
@@ -68,6 +69,7 @@ class Server:
     def __init__(self, config: Config, registry: Registry = REGISTRY) -> None:
         self.config = config
         self.registry = registry
+        self.commands = registry.entries  # name -> Entry, read once per request
         paths.configure(config.allow_paths, config.max_file_bytes)
         self.started = time.monotonic()
         self.inflight: dict[Any, Inflight] = {}
@@ -121,40 +123,27 @@ class Server:
 
     async def _read_loop(self) -> None:
         decoder = framing.Decoder(self.config.max_frame_bytes, keep_raw=self.recorder is not None)
-        reader = Reader(self.config.in_fd)
-        try:
-            await self._read_frames(reader, decoder)
-        finally:
-            reader.close()
+        await Reader(self.config.in_fd, partial(self._on_read, decoder)).run(self.writer.wait_drained)
+        self._on_eof()
 
-    async def _read_frames(self, reader: Reader, decoder: framing.Decoder) -> None:
-        """Decode each read's frames, dispatch them, and write their replies in one go."""
+    def _on_read(self, decoder: framing.Decoder, data: memoryview) -> bool:
+        """One read (empty at EOF): decode its frames, dispatch them, and write their replies in
+        one go.  False pauses reading until the output drains."""
         writer, respond = self.writer, self.respond
-        while True:
-            try:
-                data, waited = await reader.read()
-            except OSError:
-                data, waited = b"", True
-            respond.read_arrived(time.perf_counter())
-            writer.cork()
-            try:
-                if not data:
-                    for event in decoder.close():
-                        self._on_decoded(event)
-                else:
-                    self.bytes_in += len(data)
-                    for event in decoder.feed(data):
-                        self._on_decoded(event)
-            finally:
-                respond.flush()
-                writer.uncork()
-            if not data:
-                self._on_eof()
-                return
-            if writer.congested:
-                await writer.wait_drained()
-            elif not waited:
-                await anyio.lowlevel.checkpoint()  # input keeps coming: let handlers run too
+        respond.read_arrived(time.perf_counter())
+        writer.cork()
+        try:
+            if data:
+                self.bytes_in += len(data)
+                events = decoder.feed(data)
+            else:
+                events = decoder.close()
+            for event in events:
+                self._on_decoded(event)
+        finally:
+            respond.flush()
+            writer.uncork()
+        return not writer.congested
 
     def _on_eof(self) -> None:
         """EOF on input: a closed port exits at once; a finished shell pipe drains first."""
@@ -223,8 +212,11 @@ class Server:
             self.recorder.frame_in(event)
         if type(event) is Frame:
             parsed = protocol.parse(event.body)
-            if type(parsed) is Request:  # the common frame: one call fewer than through ``_dispatch``
+            kind = type(parsed)
+            if kind is Request:  # the common frames: one call fewer than through ``_dispatch``
                 self._on_request(parsed)
+            elif kind is RpcResponse:
+                self.tools.on_response(parsed)
             else:
                 self._dispatch(parsed)
         elif isinstance(event, framing.FrameTooLarge):
@@ -263,7 +255,7 @@ class Server:
         if self.shutting_down:
             respond.reject(req.id, ErrorType.SHUTTING_DOWN, "the worker is shutting down and accepts no new requests")
             return
-        entry = self.registry.get(req.command)
+        entry = self.commands.get(req.command)
         if entry is None:
             respond.reject(req.id, ErrorType.UNKNOWN_COMMAND, f"unknown command {protocol.quote(req.command)}",
                            {"command": req.command, "available": self.registry.names()})
@@ -271,11 +263,10 @@ class Server:
         if req.id in self.inflight:
             respond.reject(None, ErrorType.DUPLICATE_ID, f"request id {protocol.quote(req.id)} is already in flight", {"id": req.id})
             return
-        if req.args and entry.args is not None:
+        if req.args and entry.args is not None and not req.args.keys() <= entry.args:  # C speed when all are known
             unknown = entry.unknown_argument(req.args)
-            if unknown is not None:
-                respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)
-                return
+            respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)  # type: ignore[arg-type]
+            return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
             return
@@ -293,24 +284,29 @@ class Server:
         """Run an inline handler now; its reply joins the responder's group.  A request with
         telemetry, or a failing one, is answered at once with its own ``meta``."""
         respond = self.respond
-        observed = req.telemetry or self.telemetry_all
-        ctx = Context(req, self.shared, respond.arrived, observed, False, entry.opens_session)
-        if observed:
-            _begin(ctx)
+        if req.telemetry or self.telemetry_all:
+            self._run_inline_observed(entry, req)
+            return
         try:
-            value = entry.fn(req.args, ctx)
+            value = entry.fn(req.args, RequestView(req, self.shared, entry.opens_session))
+        except Exception as exc:
+            ctx = Context(req, self.shared, respond.arrived, False, False, entry.opens_session)
+            ctx.started = respond.group_started
+            ctx.closed = True
+            respond.finish(ctx, failure(req.id, exc))
+        else:
+            respond.group(entry.name, req.id, value)
+
+    def _run_inline_observed(self, entry: Entry, req: protocol.Request) -> None:
+        """An inline request with telemetry: metered in full, with its own ``start`` and ``stop``."""
+        ctx = Context(req, self.shared, self.respond.arrived, True, False, entry.opens_session)
+        _begin(ctx)
+        try:
+            frame = protocol.result(req.id, entry.fn(req.args, ctx))
         except Exception as exc:
             frame = failure(req.id, exc)
-        else:
-            ctx.closed = True
-            if not observed:
-                respond.group(entry.name, req.id, value)
-                return
-            frame = protocol.result(req.id, value)
         ctx.closed = True
-        if not observed:
-            ctx.started = respond.group_started
-        respond.finish(ctx, frame)
+        self.respond.finish(ctx, frame)
 
     def stats(self) -> dict[str, Any]:
         """The ``stats`` snapshot; the inline replies grouped before it are written and counted first."""

@@ -29,6 +29,7 @@ import anyio
 from bridge.observe.logs import Throttled
 from bridge.wire import protocol
 from bridge.wire.errors import RequestClosed, ToolError
+from bridge.wire.redact import redact
 
 if TYPE_CHECKING:
     from bridge.worker.transport import FrameWriter
@@ -54,8 +55,8 @@ class Slot:
 
     __slots__ = ("future", "response", "abort", "deadline")
 
-    def __init__(self, deadline: float) -> None:
-        self.future = asyncio.get_running_loop().create_future()
+    def __init__(self, future: asyncio.Future[None], deadline: float) -> None:
+        self.future = future
         self.response: protocol.RpcResponse | None = None
         self.abort: str | None = None
         self.deadline = deadline
@@ -86,6 +87,7 @@ class ToolBridge:
         self._wake = anyio.Event()
         self._input_closed = False
         self._ignored = Throttled(log)  # one line a second, however many stray answers come
+        self._loop = asyncio.get_running_loop()  # the worker's loop: every call parks on a future of it
 
     @property
     def parked(self) -> int:
@@ -107,7 +109,7 @@ class ToolBridge:
         if announce is not None:
             await announce(rpc_id)
         started = time.monotonic()
-        slot = self._slots[rpc_id] = Slot(started + timeout_ms / 1000)
+        slot = self._slots[rpc_id] = Slot(self._loop.create_future(), started + timeout_ms / 1000)
         queue = self._deadlines.get(timeout_ms)
         if not queue:
             queue = self._deadlines[timeout_ms] = {}
@@ -118,7 +120,9 @@ class ToolBridge:
         if telemetry is not None:
             telemetry.event("tool_start", {"system_time": time.time()}, {"tool": tool, "rpc_id": rpc_id})
         try:
-            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms))
+            # only the handler's arguments can hold a secret-named key: the frame's own keys name none
+            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, redact(args), redact(kwargs), timeout_ms),
+                              named=True)
             await slot.future
         finally:
             ctx.parked.discard(slot)

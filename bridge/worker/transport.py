@@ -14,17 +14,19 @@ import fcntl
 import os
 import select
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import anyio
+import anyio.lowlevel
 
-from bridge.wire import framing
-from bridge.wire.redact import redact
+from bridge.wire import framing, protocol
+from bridge.wire.redact import holds_secret, redact
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
 EAGER_BYTES = 512  # pending output written at once, so the host starts on it while we go on
 F_SETPIPE_SZ = 1031
+_CONTAINERS = (dict, list, tuple)
 
 
 def _decoded(data: bytes) -> Any:
@@ -49,56 +51,73 @@ def peer_closed(fd: int) -> bool:
 
 
 class Reader:
-    """Reads the input descriptor, waiting on the loop (never in a thread) when nothing is there.
+    """Reads the input descriptor from the loop's readiness callback and hands each read to ``on_data``.
 
-    The descriptor stays registered with the loop between waits, so a host that sends one
-    request at a time costs no ``epoll_ctl`` and no anyio wrapper per request
-    (``anyio.wait_readable`` registers and unregisters on every wait).  A readiness
-    callback that finds nobody waiting unregisters it, so a reader busy elsewhere (a
-    congested writer, a checkpoint) never makes the loop spin.
+    The read is handled inside the callback: no future, no task step and no second
+    pass of the loop between the wake-up and the reply.  Each read is one loop
+    callback, so handlers' tasks run between reads.  Reads go into one preallocated
+    buffer (no allocation per read).  The descriptor stays registered while reading
+    goes on (no ``epoll_ctl`` per request).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, on_data: Callable[[memoryview], bool], size: int = READ_SIZE) -> None:
         self.fd = fd
+        self.on_data = on_data  # one read's bytes (empty at EOF), valid during the call; False: pause
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._registered = False
+        self._stop: asyncio.Future[bool] | None = None
 
-    async def read(self) -> tuple[bytes, bool]:
-        """What is available, and whether it had to wait: a reader that never waits must yield by itself."""
-        waited = False
+    async def run(self, drained: Callable[[], Awaitable[None]]) -> None:
+        """Read until EOF.  When ``on_data`` asks for a pause, reading stops until ``drained()`` returns."""
+        self._loop = loop = asyncio.get_running_loop()
         while True:
+            self._stop = loop.create_future()
             try:
-                return os.read(self.fd, READ_SIZE), waited
-            except BlockingIOError:
-                await self._readable()
-                waited = True
-
-    async def _readable(self) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        if not self._registered:
-            loop.add_reader(self.fd, self._on_readable)
-            self._registered = True
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+                loop.add_reader(self.fd, self._on_readable)
+            except PermissionError:  # a regular file (or /dev/null): always readable, never polled
+                more = await self._read_unpolled()
+            else:
+                try:
+                    more = await self._stop
+                finally:
+                    loop.remove_reader(self.fd)
+            if not more:
+                return
+            await drained()
 
     def _on_readable(self) -> None:
-        waiter = self._waiter
-        if waiter is None:
-            self.close()
-        elif not waiter.done():
-            waiter.set_result(None)
-
-    def close(self) -> None:
-        """Unregister from the loop (the next wait registers again)."""
-        if self._registered:
-            self._registered = False
+        try:
+            status = self._read_once()
+        except BaseException as exc:  # a bug in ``on_data``: the reading task raises it
+            status = exc
+        if status is not READING:
             self._loop.remove_reader(self.fd)  # type: ignore[union-attr]
+            if isinstance(status, BaseException):
+                self._stop.set_exception(status)  # type: ignore[union-attr]
+            else:
+                self._stop.set_result(status is PAUSED)  # type: ignore[union-attr]
+
+    async def _read_unpolled(self) -> bool:
+        while (status := self._read_once()) is READING:
+            await anyio.lowlevel.checkpoint()
+        return status is PAUSED
+
+    def _read_once(self) -> object:
+        try:
+            n = os.readv(self.fd, (self._buf,))
+        except BlockingIOError:
+            return READING
+        except OSError:
+            n = 0
+        with self._view[:n] as data:
+            go_on = self.on_data(data)
+        if not n:
+            return ENDED
+        return READING if go_on else PAUSED
+
+
+READING, PAUSED, ENDED = object(), object(), object()  # what a read leaves the reader doing
 
 
 class FrameWriter:
@@ -118,16 +137,33 @@ class FrameWriter:
         self._scheduled = False
         self._corked = False
 
-    def send(self, frame: dict, extra: bytes = b"") -> int:
+    def send(self, frame: dict, extra: bytes = b"", named: bool = False) -> int:
         """Queue one frame (plus ``extra``, a packed key and value: see ``framing.encode``);
-        returns its encoded size.  Never blocks.  Secrets are redacted here (``wire.redact``)."""
+        returns its encoded size.  Never blocks.  Secrets are redacted here (``wire.redact``).
+
+        ``named``: the caller has already redacted by name every part of ``frame`` it did not
+        build itself (its own keys name no secret), so only the by-value scan of the bytes is left.
+        """
         data = framing.encode(frame, extra)
-        hidden = redact(frame, data)
+        hidden = frame if named and not holds_secret(data) else redact(frame, data)
         if hidden is not frame:
             frame, data = hidden, framing.encode(hidden, extra)
         if self.tap is not None and not self.dead:
             self.tap(_decoded(data) if extra else frame)
         return self._append(data, 1)
+
+    def send_chunk(self, prefix: bytes, rid: Any, seq: int, data: Any) -> int:
+        """Queue one ``chunk`` frame (``prefix``: ``framing.chunk_prefix(rid)``); returns its size.
+
+        The streams' hot path: two values packed, and only ``data`` walked for secret-named
+        keys, since the frame's own keys name none.  A chunk in which a known secret occurs,
+        or whose data needs redacting, goes through ``send`` like any frame."""
+        encoded = framing.encode_chunk(prefix, seq, data)
+        if holds_secret(encoded) or (type(data) in _CONTAINERS and redact(data, encoded) is not data):
+            return self.send(protocol.chunk(rid, seq, data))
+        if self.tap is not None and not self.dead:
+            self.tap(protocol.chunk(rid, seq, data))
+        return self._append(encoded, 1)
 
     def send_encoded(self, frames: list[bytes]) -> int:
         """Queue frames that are already encoded, in one append (a group of replies); their
