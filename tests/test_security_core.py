@@ -6,6 +6,8 @@ import os
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.commands.dspy import _url_under
 from bridge.programs.allowlist import Policy
@@ -13,6 +15,7 @@ from bridge.programs.typenames import SignatureError, resolve_text, string_field
 from bridge.wire import framing, protocol, redact
 from bridge.wire.errors import PeerError
 from bridge.worker import paths
+from bridge.worker.transport import FrameWriter
 
 
 def test_redaction_by_name_keeps_clean_values_as_the_same_object():
@@ -44,6 +47,50 @@ def test_redaction_is_linear_in_depth_and_refuses_beyond_its_limit():
     with pytest.raises(ValueError, match="too deep"):
         redact.redact([[[value]]])
     redact.learn([[[value]]])  # learning is iterative: no depth limit
+
+
+SECRET = "sk-fastpath-secret-0042"
+keys = st.sampled_from(["q", "text", "api_key", "X-Auth-Token", "ſecret", "\u212aey", "monkey", SECRET])
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(allow_nan=False)
+           | st.sampled_from([SECRET, f"Bearer {SECRET}", "plain", SECRET.encode()]) | st.text(max_size=8))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
+                      max_leaves=12)
+ids = st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from(["r1", SECRET, f"id-{SECRET}"])
+
+
+def written(send) -> bytes:
+    """The bytes a ``FrameWriter`` queues for what ``send(writer)`` sends (held back: corked, never written)."""
+    writer = FrameWriter(-1)
+    writer.cork()
+    queued: list[bytes] = []
+    writer._append = lambda data, frames: queued.append(data) or len(data)  # type: ignore[method-assign]
+    send(writer)
+    return b"".join(queued)
+
+
+@settings(max_examples=300)
+@given(rid=ids, seq=st.integers(min_value=0, max_value=2**32), data=values)
+def test_the_chunk_fast_path_writes_exactly_what_the_general_path_writes(rid, seq, data):
+    """``send_chunk`` (a per-request prefix, only the data walked) against ``send`` of the whole frame:
+    the same bytes for any data, with secret names at any depth and known secrets in data or id."""
+    redact.remember(SECRET)
+    fast = written(lambda w: w.send_chunk(framing.chunk_prefix(rid), rid, seq, data))
+    general = written(lambda w: w.send(protocol.chunk(rid, seq, data)))
+    assert fast == general
+    assert SECRET.encode() not in fast
+
+
+@settings(max_examples=300)
+@given(rid=ids, args=st.lists(values, max_size=3), kwargs=st.dictionaries(keys, values, max_size=3))
+def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid, args, kwargs):
+    """What ``ToolBridge.call`` sends (its args and kwargs redacted, then ``send(named=True)``) against the
+    unredacted frame through ``send``: the same bytes, and no known secret in them."""
+    redact.remember(SECRET)
+    parts = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", redact.redact(args), redact.redact(kwargs),
+                                                          None), named=True))
+    whole = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", args, kwargs, None)))
+    assert parts == whole
+    assert SECRET.encode() not in parts
 
 
 def test_the_operators_environment_keys_are_secrets():

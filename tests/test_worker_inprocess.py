@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import pytest
 
 from bridge.wire import protocol
 from bridge.worker.context import Context, Shared
@@ -476,6 +477,90 @@ def test_a_closed_pipe_breaks_the_writer_and_later_frames_are_dropped():
             pipes.close()
 
     anyio.run(main)
+
+
+def test_the_reader_hands_over_each_read_pauses_on_request_and_ends_at_eof():
+    """``Reader.run``: every byte reaches ``on_data`` in order; ``False`` stops reading until
+    ``drained`` returns (bytes sent meanwhile wait in the pipe); EOF is one empty read, then ``run`` ends."""
+    from bridge.worker.transport import Reader
+
+    async def main() -> None:
+        pipes = Pipes()
+        os.set_blocking(pipes.in_r, False)
+        reads: list[bytes] = []
+        pause_next = [True]
+        paused, resume = anyio.Event(), anyio.Event()
+
+        def on_data(data: memoryview) -> bool:
+            reads.append(bytes(data))
+            if pause_next[0]:
+                pause_next[0] = False
+                return False
+            return True
+
+        async def drained() -> None:
+            paused.set()
+            await resume.wait()
+
+        try:
+            with anyio.fail_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(Reader(pipes.in_r, on_data, size=8).run, drained)
+                    os.write(pipes.in_w, b"first")
+                    await paused.wait()
+                    os.write(pipes.in_w, b"0123456789")  # more than one read's worth, while paused
+                    await anyio.wait_all_tasks_blocked()
+                    assert reads == [b"first"]
+                    resume.set()
+                    while b"".join(reads) != b"first0123456789":
+                        await anyio.lowlevel.checkpoint()
+                    pipes.close_input()
+            assert reads[-1] == b"" and b"".join(reads) == b"first0123456789"
+            assert all(len(r) <= 8 for r in reads)
+        finally:
+            pipes.close()
+
+    anyio.run(main)
+
+
+def test_the_reader_reads_a_regular_file_which_cannot_be_polled(tmp_path):
+    from bridge.worker.transport import Reader
+
+    path = tmp_path / "input"
+    path.write_bytes(bytes(range(256)) * 10)
+    reads: list[bytes] = []
+
+    async def main() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with anyio.fail_after(5):
+                await Reader(fd, lambda data: reads.append(bytes(data)) or True, size=1000).run(
+                    anyio.lowlevel.checkpoint)
+        finally:
+            os.close(fd)
+
+    anyio.run(main)
+    assert b"".join(reads) == path.read_bytes() and reads[-1] == b""
+
+
+def test_a_failure_in_the_readers_callback_is_raised_by_its_task():
+    from bridge.worker.transport import Reader
+
+    def on_data(data: memoryview) -> bool:
+        raise RuntimeError("a bug in dispatch")
+
+    async def main() -> None:
+        pipes = Pipes()
+        os.set_blocking(pipes.in_r, False)
+        try:
+            with anyio.fail_after(5):
+                os.write(pipes.in_w, b"x")
+                await Reader(pipes.in_r, on_data).run(anyio.lowlevel.checkpoint)
+        finally:
+            pipes.close()
+
+    with pytest.raises(RuntimeError, match="a bug in dispatch"):
+        anyio.run(main)
 
 
 def serving(registry_setup, scenario) -> int:

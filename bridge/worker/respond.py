@@ -21,7 +21,7 @@ import msgpack
 from bridge.observe.metrics import WorkerMetrics, idle_meta, request_meta
 from bridge.wire import framing, protocol
 from bridge.wire.errors import ErrorType, PeerError, ToolError
-from bridge.wire.redact import redact
+from bridge.wire.redact import holds_secret, redact
 from bridge.worker.context import Context
 from bridge.worker.transport import FrameWriter
 
@@ -78,7 +78,7 @@ class Responder:
             try:
                 data = framing.encode_result(prefix, rid, value)
                 clean = redact(value, data)
-                if clean is not value or (type(rid) is str and redact(rid, data) is not rid):  # hide a secret
+                if clean is not value or (type(rid) is str and holds_secret(data)):  # hide a secret
                     data = framing.encode_result(prefix, redact(rid), clean)
                 encoded.append(data)
             except (TypeError, ValueError, OverflowError) as exc:
