@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from bridge.lm.offline import AsyncOfflineEngine, OfflineEngine
-from bridge.lm.scripted import ScriptedEngine
-
 if TYPE_CHECKING:
     import dspy
+
+    from bridge.lm.offline import OfflineEngine
 
 EngineFactory = Callable[[str, dict[str, Any]], "OfflineEngine"]
 """``factory(name, options)``: ``name`` is the model id after the prefix; the factory
@@ -87,12 +86,16 @@ def build_lm(model: Any, options: dict[str, Any]) -> "dspy.LM":
             engine = _FORCED(name, options)
         options.setdefault("cache", False)
         options.setdefault("num_retries", 0)
+        from bridge.lm.offline import AsyncOfflineEngine  # the offline engines load on first use, not before ready
+
         lm = dspy.LM(model, engine=engine, async_engine=AsyncOfflineEngine(engine), **options)
     lm.bridge_max_connections, lm.bridge_stream_usage = limit, stream_usage
     return lm
 
 
 def _scripted(name: str, options: dict[str, Any]) -> OfflineEngine:
+    from bridge.lm.scripted import ScriptedEngine
+
     return ScriptedEngine.from_options(options)
 
 

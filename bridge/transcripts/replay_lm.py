@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.lm.engines import force_engine, register_engine
-from bridge.lm.offline import int_option
-from bridge.lm.replayed import RecordedCalls, ReplayEngine, check_speed
-from bridge.transcripts.format import load, parse_lines
 from bridge.wire.errors import TranscriptError
 from bridge.worker import paths
+
+if TYPE_CHECKING:
+    from bridge.lm.replayed import RecordedCalls, ReplayEngine
+
+# The engine and the transcript reader are imported where used: ``install`` runs before ``ready``.
 
 _POOLS: dict[tuple[str, int | None], RecordedCalls] = {}
 _POOLS_LOCK = threading.Lock()
@@ -26,6 +28,8 @@ _POOLS_LOCK = threading.Lock()
 def lm_records(path: str, segment: int | None, host: bool) -> list[dict[str, Any]]:
     """The LM calls a transcript recorded (one segment, or all in order); ValueError if unreadable.
     A ``host`` path is read bounded (``worker.paths``)."""
+    from bridge.transcripts.format import load, parse_lines
+
     try:
         if host:
             segments = parse_lines(paths.read_file(path).decode("utf-8").splitlines(True), path)
@@ -43,6 +47,8 @@ def pool(path: str, segment: int | None = None, host: bool = False) -> RecordedC
     """The shared pool of ``path``'s recorded calls.  A ``host`` path (``replay/<path>``) is
     confined and read bounded (``worker.paths``); the operator's (``--replay-lm``) is not.
     Blocks on the file: call it off the event loop."""
+    from bridge.lm.replayed import RecordedCalls
+
     real = paths.confine(path) if host else os.path.realpath(path)
     key = (real, segment)
     with _POOLS_LOCK:
@@ -53,6 +59,9 @@ def pool(path: str, segment: int | None = None, host: bool = False) -> RecordedC
 
 def replay_engine(path: str, options: dict[str, Any]) -> ReplayEngine:
     """``replay/<path>`` with optional ``segment`` (default: all) and ``speed`` (default: no pacing)."""
+    from bridge.lm.offline import int_option
+    from bridge.lm.replayed import ReplayEngine, check_speed
+
     segment = int_option(options, "segment", None, 0)
     return ReplayEngine(pool(path, segment, host=True), check_speed(options.pop("speed", None)))
 
@@ -66,6 +75,8 @@ def serve_every_lm(path: str, segment: int | None = None, speed: float | None = 
     """``bridge serve --replay-lm PATH``: every ``lm.configure`` gets a replay engine over
     ``path``, whatever model it names (which keeps its name).  Raises ValueError now for a
     transcript that cannot be read, rather than at the first call."""
+    from bridge.lm.replayed import ReplayEngine, check_speed
+
     calls = pool(path, segment)
     speed = check_speed(speed)
 
