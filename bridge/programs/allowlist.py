@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import json
 import types
 from typing import Any, Callable
 
@@ -230,6 +229,8 @@ def _path(value: Any, method: Any) -> str:
 def _load_json(module: Any, path: str) -> None:
     """``module.load(path)`` read through ``worker.paths`` (a regular file, bounded) and restored
     with ``load_state``, so DSPy never opens a host path itself."""
+    import json  # only for load(path): kept off the start-up
+
     try:
         state = json.loads(paths.read_file(path))
     except ValueError as exc:

@@ -12,7 +12,6 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, NamedTuple
 
 import anyio
-import anyio.from_thread
 import anyio.lowlevel
 
 from bridge.observe.metrics import LmUsage
@@ -179,6 +178,8 @@ class Context(RequestView):
         """``emit`` for code running in a worker thread; blocks the thread, not the loop."""
         if self.closed:
             raise RequestClosed(f"request {self.id!r} is finished")
+        import anyio.from_thread  # first used from a thread, after ready: kept off the start-up
+
         anyio.from_thread.run(self.emit, data, token=self.shared.token)
 
     def add_credit(self, n: int) -> None:
@@ -204,6 +205,8 @@ class Context(RequestView):
         """``call_tool`` for code running in a worker thread."""
         if self.closed:
             raise RequestClosed(f"request {self.id!r} is finished")
+        import anyio.from_thread
+
         return anyio.from_thread.run(self.shared.tools.call, self, name, list(args), kwargs, timeout_ms,
                                      token=self.shared.token)
 
