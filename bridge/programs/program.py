@@ -7,7 +7,6 @@ are made msgpack-able here.  DSPy is imported lazily: loaded before ``ready``.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -106,6 +105,8 @@ def build_program(args: dict[str, Any], module_default: str | None = "Predict") 
     ChainOfThought), which would dominate a predict; so each spec is built once
     and later requests get a copy of its module (about 0.2 ms).
     """
+    import json  # here and in field_text, not at import: json is off the start-up (DSPy loads it after ready)
+
     try:
         key = json.dumps([module_default, *(args.get(k) for k in _SPEC_KEYS)], sort_keys=True)
     except (TypeError, ValueError):  # not JSON (bytes in a spec): build it every time
@@ -164,4 +165,6 @@ def outputs(prediction: "dspy.Prediction") -> dict[str, Any]:
 
 def field_text(value: Any) -> str:
     """A field's value as the LM wrote it: strings as they are, other values as JSON."""
+    import json
+
     return value if isinstance(value, str) else json.dumps(plain(value), ensure_ascii=False)

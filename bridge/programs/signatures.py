@@ -10,7 +10,6 @@ the same type names.  Every problem is a ``ValueError`` the handlers report as
 from __future__ import annotations
 
 import functools
-import json
 from typing import TYPE_CHECKING, Any
 
 from bridge.programs.typenames import SignatureError, resolve_text, string_fields
@@ -33,6 +32,8 @@ def parse_signature(spec: Any, instructions: Any = None) -> "type[dspy.Signature
     if instructions is not None and not isinstance(instructions, str):
         raise ValueError("'instructions' must be a string")
     if isinstance(spec, dict):
+        import json  # here and below, not at import: json is off the start-up (DSPy loads it after ready)
+
         try:
             key = json.dumps(spec, sort_keys=True)
         except (TypeError, ValueError):  # not JSON (a non-string key): built each time
@@ -50,6 +51,8 @@ def _built(spec: str, instructions: str | None) -> "type[dspy.Signature]":
 
 @functools.lru_cache(maxsize=CACHED)
 def _built_map(key: str, instructions: str | None) -> "type[dspy.Signature]":
+    import json
+
     return _build(json.loads(key), instructions)
 
 
