@@ -230,5 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve", *argv]  # serve is the default; a mistyped subcommand is an invalid choice
+    if argv[0] == "serve":
+        gc.disable()  # from here already: building the parser collects too (see cmd_serve)
     opts = build_parser().parse_args(argv)
     return SUBCOMMANDS[opts.command](opts)
