@@ -91,7 +91,7 @@ def cmd_serve(opts: argparse.Namespace) -> int:
 
     import anyio
 
-    from bridge.worker.options import config_from
+    from bridge.worker.options import config_from, loop_options
     from bridge.worker.registry import REGISTRY
     from bridge.worker.server import Server
 
@@ -114,7 +114,7 @@ def cmd_serve(opts: argparse.Namespace) -> int:
         return 2
     code = 1
     try:
-        code = anyio.run(_serve, server)
+        code = anyio.run(_serve, server, backend_options=loop_options(opts.loop))
     except BaseException:
         import logging
         logging.getLogger("bridge").exception("the worker loop crashed")

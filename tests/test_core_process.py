@@ -395,6 +395,23 @@ def test_no_child_process_outlives_the_worker(worker):
     pytest.fail(f"child {child} outlived the worker: {now}")
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_both_event_loops_serve_every_kind_of_frame(loop):
+    """``--loop``: uvloop (the default where it is installed) and asyncio's own loop serve the same
+    frames: inline replies, a stream, host tool calls, a cancel, and EOF after a shutdown."""
+    with spawn("--loop", loop, tools={"echo": lambda i: i}) as w:
+        assert w.call("stats")["loop"] == loop
+        assert w.call("echo", {"x": [1, "two"]}) == {"x": [1, "two"]}
+        assert list(w.request("stream_count", {"n": 50})) == list(range(50))
+        assert w.call("rpc_loop", {"n": 20, "concurrency": 4})["n"] == 20
+        slow = w.request("sleep", {"seconds": 5})
+        slow.cancel()
+        with pytest.raises(RemoteError) as info:
+            slow.result()
+        assert info.value.type == "cancelled"
+        assert w.shutdown() == 0
+
+
 def test_the_shell_pipe_example_from_the_readme():
     line = '{"type":"request","id":1,"command":"ping"}'
     out = subprocess.run(["bash", "-c", f"printf '%s\\n' '{line}' | dspy-bridge encode | dspy-bridge serve | dspy-bridge decode"],

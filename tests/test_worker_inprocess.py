@@ -479,7 +479,11 @@ def test_a_closed_pipe_breaks_the_writer_and_later_frames_are_dropped():
     anyio.run(main)
 
 
-def test_the_reader_hands_over_each_read_pauses_on_request_and_ends_at_eof():
+LOOPS = pytest.mark.parametrize("loop", [{"use_uvloop": False}, {"use_uvloop": True}], ids=["asyncio", "uvloop"])
+
+
+@LOOPS
+def test_the_reader_hands_over_each_read_pauses_on_request_and_ends_at_eof(loop):
     """``Reader.run``: every byte reaches ``on_data`` in order; ``False`` stops reading until
     ``drained`` returns (bytes sent meanwhile wait in the pipe); EOF is one empty read, then ``run`` ends."""
     from bridge.worker.transport import Reader
@@ -520,10 +524,11 @@ def test_the_reader_hands_over_each_read_pauses_on_request_and_ends_at_eof():
         finally:
             pipes.close()
 
-    anyio.run(main)
+    anyio.run(main, backend_options=loop)
 
 
-def test_the_reader_reads_a_regular_file_which_cannot_be_polled(tmp_path):
+@LOOPS
+def test_the_reader_reads_a_regular_file_which_cannot_be_polled(tmp_path, loop):
     from bridge.worker.transport import Reader
 
     path = tmp_path / "input"
@@ -539,11 +544,12 @@ def test_the_reader_reads_a_regular_file_which_cannot_be_polled(tmp_path):
         finally:
             os.close(fd)
 
-    anyio.run(main)
+    anyio.run(main, backend_options=loop)
     assert b"".join(reads) == path.read_bytes() and reads[-1] == b""
 
 
-def test_a_failure_in_the_readers_callback_is_raised_by_its_task():
+@LOOPS
+def test_a_failure_in_the_readers_callback_is_raised_by_its_task(loop):
     from bridge.worker.transport import Reader
 
     def on_data(data: memoryview) -> bool:
@@ -560,7 +566,7 @@ def test_a_failure_in_the_readers_callback_is_raised_by_its_task():
             pipes.close()
 
     with pytest.raises(RuntimeError, match="a bug in dispatch"):
-        anyio.run(main)
+        anyio.run(main, backend_options=loop)
 
 
 def serving(registry_setup, scenario) -> int:

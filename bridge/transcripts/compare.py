@@ -11,7 +11,7 @@ VOLATILE_RESULTS = {"ping": ("time",), "stats": ("uptime_s", "rss_bytes", "bytes
 # stats' request metrics: timings, and counters that older recordings do not have (threads: the warm-up's
 # thread may still be busy or not)
 UNCOMPARED_RESULTS = {"stats": ("requests", "errors", "latency_ms", "histogram_buckets", "lm",
-                                "lm_by_session", "allow", "threads")}  # allow.paths: where the replayed transcript lies
+                                "lm_by_session", "allow", "threads", "loop")}  # allow.paths: where the replayed transcript lies; loop: --loop
 
 
 StreamKey = tuple

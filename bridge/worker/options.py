@@ -97,6 +97,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="the largest file the worker reads for a host (default 64 MiB)")
     p.add_argument("--allow-api-base", action="append", dest="allow_api_bases", metavar="PREFIX",
                    help="a URL prefix an lm.configure api_base/base_url may name without its own api_key")
+    p.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="the event loop: uvloop (a C loop, less CPU per frame) or asyncio's own; "
+                        "auto: uvloop when it is installed")
     p.add_argument("--no-meta", dest="meta", action="store_false",
                    help="leave 'meta' off terminal frames (the benchmark's baseline for its cost)")
     p.add_argument("--telemetry", action="store_true",
@@ -127,3 +130,12 @@ def config_from(opts: argparse.Namespace, in_fd: int, out_fd: int) -> Config:
                   allow_names=tuple(opts.allow_names or ()), allow_paths=tuple(opts.allow_paths or ()),
                   max_file_bytes=opts.max_file_bytes, allow_api_bases=tuple(opts.allow_api_bases or ()),
                   meta=opts.meta, telemetry=opts.telemetry, slow_chunk_ms=opts.slow_chunk_ms)
+
+
+def loop_options(choice: str) -> dict[str, bool]:
+    """``anyio.run``'s backend options for ``--loop``: uvloop when asked for, or when ``auto`` finds it."""
+    if choice == "auto":
+        import importlib.util
+
+        choice = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    return {"use_uvloop": choice == "uvloop"}

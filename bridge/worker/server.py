@@ -314,6 +314,7 @@ class Server:
         writer = self.writer
         return {
             "uptime_s": time.monotonic() - self.started,
+            "loop": type(self.loop).__module__.partition(".")[0],  # uvloop or asyncio (--loop)
             "warm": self.warm.is_set(),
             "in_flight": len(self.inflight),
             "tool_calls_parked": self.tools.parked,
