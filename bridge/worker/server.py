@@ -373,7 +373,8 @@ class Server:
         if kind is Kind.ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
                 async for item in agen:
-                    await ctx.emit(item)
+                    if not ctx.try_emit(item):
+                        await ctx.emit(item)
             return None
         return await self.threads.run_sync(_drive_generator, entry, args, ctx)
 
