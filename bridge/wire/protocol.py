@@ -157,12 +157,13 @@ def _parse_rpc_response(body: dict) -> RpcResponse | Rejected:
     ok = body.get("ok")
     if not isinstance(ok, bool) or "rpc_id" not in body:
         return Rejected(error(None, ErrorType.BAD_FRAME, "rpc_response needs 'rpc_id' and a boolean 'ok'"))
-    if not is_id(body["rpc_id"]):
-        return _bad_id("rpc_response", "rpc_id", body["rpc_id"])
+    rpc_id = body["rpc_id"]
+    if not (type(rpc_id) is int and ID_MIN <= rpc_id <= ID_MAX or is_id(rpc_id)):  # our int ids without a call
+        return _bad_id("rpc_response", "rpc_id", rpc_id)
     err = body.get("error")
     if not ok and not isinstance(err, dict):
         err = {"type": "tool_error", "message": repr(err)}
-    return _new_tuple(RpcResponse, (body["rpc_id"], ok, body.get("result"), err))  # a host call's hot path
+    return _new_tuple(RpcResponse, (rpc_id, ok, body.get("result"), err))  # a host call's hot path
 
 
 # ---- worker -> host frames -------------------------------------------------------

@@ -61,14 +61,6 @@ class Slot:
         self.abort: str | None = None
         self.deadline = deadline
 
-    @property
-    def done(self) -> bool:
-        return self.future.done()
-
-    def fill(self, response: protocol.RpcResponse) -> None:
-        self.response = response
-        self.future.set_result(None)
-
     def finish(self, abort: str) -> None:
         if not self.future.done():
             self.abort = abort
@@ -143,10 +135,11 @@ class ToolBridge:
         """Route an ``rpc_response`` to its parked call; unknown or late ids are ignored (and logged,
         throttled)."""
         slot = self._slots.get(response.rpc_id)  # an id checked by ``protocol.parse``: never a bool
-        if slot is None or slot.done:
+        if slot is None or slot.future.done():
             self._ignored("ignoring rpc_response for unknown or finished rpc_id %r", response.rpc_id)
             return
-        slot.fill(response)
+        slot.response = response  # ``Slot.fill``, inlined: every answer passes here
+        slot.future.set_result(None)
 
     def input_closed(self) -> None:
         """The host's input reached EOF: fail every parked call now, none can be answered."""
