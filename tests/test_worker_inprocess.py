@@ -82,6 +82,29 @@ def test_every_emitter_waiting_for_credit_is_woken():
     anyio.run(main)
 
 
+def test_emitters_sharing_a_request_send_in_the_order_they_emit():
+    """Batch lanes share one request: whatever an emit waits for (a yield to the loop included),
+    a chunk that has taken its number goes out before any later one."""
+    import itertools
+
+    async def main() -> None:
+        writer = FakeWriter()
+        ctx = context(writer)
+        numbers = itertools.count()
+
+        async def emitter() -> None:
+            for _ in range(100):
+                await ctx.emit(next(numbers))
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(emitter)
+        assert [f["data"] for f in writer.frames] == list(range(400))
+
+    anyio.run(main)
+
+
 def test_closing_the_request_wakes_every_emitter_with_request_closed():
     async def main() -> None:
         writer = FakeWriter()

@@ -101,7 +101,7 @@ class Context(RequestView):
         self._writer = shared.writer
         self._credit = req.window
         self._waiters: list[anyio.Event] | None = None  # emitters waiting for credit, one event each
-        self._since_yield = YIELD_EVERY - 1  # the first chunk goes at once, the loop runs before the second
+        self._since_yield = YIELD_EVERY  # the loop runs once right after the first chunk
         self.arrived = self.started = arrived  # arrival: the read that carried the request
         self.first_chunk: float | None = None
         self.chunk_bytes = 0
@@ -124,40 +124,46 @@ class Context(RequestView):
     # ---- chunks ----------------------------------------------------------------
 
     async def emit(self, data: Any) -> None:
-        """Send one chunk.  Waits for credit (``window``) and for a congested pipe to drain, and
-        lets other tasks run every ``YIELD_EVERY`` chunks."""
-        while not self.try_emit(data):
-            if self._credit is not None and self._credit <= 0:
-                await self._wait_for_credit()
-            elif self._writer.congested:
-                await self._writer.wait_drained()
-            else:  # a yield is due
-                self._since_yield = 0
-                await anyio.lowlevel.checkpoint()
-
-    def try_emit(self, data: Any) -> bool:
-        """Send one chunk now if nothing must be waited for first: credit in hand, the output not
-        congested, no yield to the loop due.  False: nothing was sent; ``await emit(data)``.
-
-        A streaming loop that calls this first awaits a coroutine only when it must wait
-        (``Server._invoke``): most chunks then cost no coroutine at all."""
+        """Send one chunk.  Waits for credit (``window``) first; once it is sent, waits for a
+        congested pipe to drain, or lets other tasks run every ``YIELD_EVERY`` chunks.  A chunk is
+        never held back once its turn came: emitters sharing a request send in the order they emit."""
         if self.closed:
             raise RequestClosed(f"request {self.id!r} is finished")
-        credit = self._credit
+        if self._credit is not None:
+            while self._credit <= 0:
+                await self._wait_for_credit()
+        self._send(data)
         writer = self._writer
-        if (credit is not None and credit <= 0) or self._since_yield >= YIELD_EVERY or writer.congested:
+        if writer.congested:
+            await writer.wait_drained()
+        elif self._since_yield >= YIELD_EVERY:
+            self._since_yield = 0
+            await anyio.lowlevel.checkpoint()
+
+    def try_emit(self, data: Any) -> bool:
+        """``emit`` without a coroutine, for a chunk that needs no wait before or after it: credit in
+        hand, the output not congested, no yield to the loop due.  False: nothing was sent;
+        ``await emit(data)``.  A streaming loop that tries this first (``Server._invoke``) creates a
+        coroutine only for the chunks that may wait."""
+        credit = self._credit
+        if (credit is not None and credit <= 0) or self._since_yield >= YIELD_EVERY - 1 or self._writer.congested:
             return False
-        if credit is not None:
-            self._credit = credit - 1
+        self._send(data)
+        return True
+
+    def _send(self, data: Any) -> None:
+        if self.closed:
+            raise RequestClosed(f"request {self.id!r} is finished")
+        if self._credit is not None:
+            self._credit -= 1
         prefix = self._chunk_prefix
         if prefix is None:
             prefix = self._chunk_prefix = framing.chunk_prefix(self.id)
-        self.chunk_bytes += writer.send_chunk(prefix, self.id, self.seq, data)
+        self.chunk_bytes += self._writer.send_chunk(prefix, self.id, self.seq, data)
         if self._watch_chunks:
             self._watched_chunk()
         self.seq += 1
         self._since_yield += 1
-        return True
 
     async def _wait_for_credit(self) -> None:
         """Park until credit arrives or the request ends.  Several emitters (batch lanes) may
