@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -58,6 +60,22 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.di
 ids = st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from(["r1", SECRET, f"id-{SECRET}"])
 
 
+@contextmanager
+def knowing_only(secret: str) -> Iterator[None]:
+    """Redaction that knows ``secret`` alone (then the suite's state again): what one example learns
+    must not depend on the examples before it, nor evict ``secret`` (``MAX_SECRETS``)."""
+    saved = dict(redact._secrets), redact._text, redact._binary
+    redact._secrets.clear()
+    redact._text = redact._binary = None
+    redact.remember(secret)
+    try:
+        yield
+    finally:
+        redact._secrets.clear()
+        redact._secrets.update(saved[0])
+        redact._text, redact._binary = saved[1], saved[2]
+
+
 def written(send) -> bytes:
     """The bytes a ``FrameWriter`` queues for what ``send(writer)`` sends (held back: corked, never written)."""
     writer = FrameWriter(-1)
@@ -73,10 +91,11 @@ def written(send) -> bytes:
 def test_the_chunk_fast_path_writes_exactly_what_the_general_path_writes(rid, seq, data):
     """``send_chunk`` (a per-request prefix, only the data walked) against ``send`` of the whole frame:
     the same bytes for any data, with secret names at any depth and known secrets in data or id."""
-    redact.remember(SECRET)
-    fast = written(lambda w: w.send_chunk(framing.chunk_prefix(rid), rid, seq, data))
-    general = written(lambda w: w.send(protocol.chunk(rid, seq, data)))
-    assert fast == general
+    with knowing_only(SECRET):
+        general = lambda w: w.send(protocol.chunk(rid, seq, data))  # noqa: E731
+        written(general)  # learns what the data's secret-named keys hold, so both paths below know it
+        fast = written(lambda w: w.send_chunk(framing.chunk_prefix(rid), rid, seq, data))
+        assert fast == written(general)
     assert SECRET.encode() not in fast
 
 
@@ -85,11 +104,12 @@ def test_the_chunk_fast_path_writes_exactly_what_the_general_path_writes(rid, se
 def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid, args, kwargs):
     """What ``ToolBridge.call`` sends (its args and kwargs redacted, then ``send(named=True)``) against the
     unredacted frame through ``send``: the same bytes, and no known secret in them."""
-    redact.remember(SECRET)
-    parts = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", redact.redact(args), redact.redact(kwargs),
-                                                          None), named=True))
-    whole = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", args, kwargs, None)))
-    assert parts == whole
+    with knowing_only(SECRET):
+        whole = lambda w: w.send(protocol.rpc_request(7, rid, "t", args, kwargs, None))  # noqa: E731
+        written(whole)  # learns what secret-named keys hold, so both paths below know it
+        parts = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", redact.redact(args),
+                                                              redact.redact(kwargs), None), named=True))
+        assert parts == written(whole)
     assert SECRET.encode() not in parts
 
 
