@@ -25,7 +25,6 @@ from bridge.wire.redact import holds_secret, redact
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
 EAGER_BYTES = 512  # pending output written at once, so the host starts on it while we go on
-CORKED_BYTES = 64 * 1024  # the same while the reader handles a read: its replies leave in one write, up to this
 F_SETPIPE_SZ = 1031
 _CONTAINERS = (dict, list, tuple)
 
@@ -180,7 +179,7 @@ class FrameWriter:
         self._buf += data
         self.frames_out += frames
         self.bytes_out += len(data)
-        if len(self._buf) >= (CORKED_BYTES if self._corked else EAGER_BYTES):
+        if len(self._buf) >= EAGER_BYTES:
             self._write_now()
         if not self._corked and self._buf and not self._scheduled:
             self._scheduled = True
@@ -197,8 +196,8 @@ class FrameWriter:
             self._break()
 
     def cork(self) -> None:
-        """Hold frames back while the reader handles a read, so its replies go out in one write
-        (or one per ``CORKED_BYTES``: a long read's first replies do not wait for all of it)."""
+        """Hold frames back while the reader handles a read, so its replies go out in few writes
+        (one per ``EAGER_BYTES``: the host starts on the first ones while we go on)."""
         self._corked = True
 
     def uncork(self) -> None:
