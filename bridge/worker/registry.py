@@ -112,7 +112,8 @@ def handler(name: str, *, inline: bool = False, needs_dspy: bool = False,
     """Register ``fn(args: dict, ctx)`` as the handler of command ``name``.
 
     ``inline=True`` is for light, non-blocking plain functions (microseconds):
-    the reader runs them directly, with no task and no thread.  ``needs_dspy``
+    the reader runs them directly, with no task and no thread, and their ``ctx``
+    is a ``RequestView`` (no chunks, no tool calls).  ``needs_dspy``
     makes the request wait for the background DSPy import first.  ``args``
     names every argument the command takes (``()`` for none): any other is
     refused with ``bad_request`` before the handler runs.  Without it the
