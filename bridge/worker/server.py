@@ -265,8 +265,9 @@ class Server:
             return
         if req.args and entry.args is not None and not req.args.keys() <= entry.args:  # C speed when all are known
             unknown = entry.unknown_argument(req.args)
-            respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)  # type: ignore[arg-type]
-            return
+            if unknown is not None:
+                respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)
+                return
         if entry.kind is Kind.INLINE:
             self._run_inline(entry, req)
             return
