@@ -358,6 +358,38 @@ def test_tool_calls_park_until_answered_in_any_order():
     anyio.run(main)
 
 
+def test_a_shorter_timeout_after_a_longer_one_still_expires_and_answered_calls_leave_no_queue():
+    """The timer sleeps until the earliest deadline and is woken only by an earlier one: a 20 ms
+    call made after a 5 s one still times out; calls answered one after another, each with its own
+    timeout, leave no deadline queue behind (the map holds only queues with a parked call)."""
+    from bridge.wire.protocol import RpcResponse
+    from bridge.worker.tools import ToolBridge
+
+    async def main() -> None:
+        writer = FakeWriter()
+        tools = ToolBridge(writer, 5000)
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tools.run_timer)
+                for i in range(20):  # sequential, answered, every one with a timeout of its own
+                    async def answered(i: int = i) -> None:
+                        assert await tools.call(Caller(i), "t", [i], {}, 60_000 + i) == i
+
+                    tg.start_soon(answered)
+                    request = await writer.next_frame(i + 1)
+                    tools.on_response(RpcResponse(request["rpc_id"], True, i))
+                    while tools.parked:
+                        await anyio.lowlevel.checkpoint()
+                assert tools._deadlines == {}
+                tg.start_soon(tools.call, Caller("long"), "t", [], {}, 5_000)
+                await writer.next_frame(21)
+                with pytest.raises(TimeoutError):
+                    await tools.call(Caller("short"), "t", [], {}, 20)
+                tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
 def test_a_tool_call_times_out_fails_at_eof_and_ends_with_its_request():
     import pytest
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
@@ -77,6 +78,7 @@ class ToolBridge:
         self._slots: dict[int, Slot] = {}
         self._deadlines: dict[int, dict[int, Slot]] = {}  # timeout_ms -> rpc_id -> slot, oldest first
         self._wake = anyio.Event()
+        self._planned = math.inf  # when the timer task wakes next, unless woken sooner
         self._input_closed = False
         self._ignored = Throttled(log)  # one line a second, however many stray answers come
         self._loop = asyncio.get_running_loop()  # the worker's loop: every call parks on a future of it
@@ -101,12 +103,14 @@ class ToolBridge:
         if announce is not None:
             await announce(rpc_id)
         started = time.monotonic()
-        slot = self._slots[rpc_id] = Slot(self._loop.create_future(), started + timeout_ms / 1000)
+        deadline = started + timeout_ms / 1000
+        slot = self._slots[rpc_id] = Slot(self._loop.create_future(), deadline)
         queue = self._deadlines.get(timeout_ms)
-        if not queue:
+        if queue is None:
             queue = self._deadlines[timeout_ms] = {}
-            self._wake.set()  # a new earliest deadline may exist: the timer re-plans
         queue[rpc_id] = slot
+        if deadline < self._planned:
+            self._wake.set()  # the earliest deadline: the timer re-plans (not once per sequential call)
         ctx.parked.add(slot)
         telemetry = ctx.telemetry
         if telemetry is not None:
@@ -120,6 +124,8 @@ class ToolBridge:
             ctx.parked.discard(slot)
             del self._slots[rpc_id]
             queue.pop(rpc_id, None)
+            if not queue and self._deadlines.get(timeout_ms) is queue:
+                del self._deadlines[timeout_ms]  # only queues with a parked call are kept
             if slot.response is None and not self._writer.dead:
                 self._writer.send(protocol.rpc_cancel(rpc_id))
             elapsed = time.monotonic() - started
@@ -152,6 +158,8 @@ class ToolBridge:
         while True:
             earliest = min((next(iter(q.values())).deadline for q in self._deadlines.values() if q),
                            default=None)
+            # a later call's deadline cannot come before this one: only an earlier one wakes the timer
+            self._planned = math.inf if earliest is None else earliest
             with anyio.move_on_after(None if earliest is None else max(0.0, earliest - time.monotonic())):
                 await self._wake.wait()
             self._wake = anyio.Event()
