@@ -276,6 +276,37 @@ def test_reaping_never_takes_the_exit_status_of_a_child_user_code_waits_for(w):
     assert w.call("test.child_status") == {"returncode": 7}
 
 
+UV_SUBPROCESS = """
+import asyncio, time, uvloop
+from bridge.worker import children
+
+async def main():
+    children.track_spawns()
+    proc = await asyncio.create_subprocess_exec("sh", "-c", "exit 3")  # libuv's spawn: not recorded
+    while children._state(proc.pid) != "Z":
+        time.sleep(0.005)  # the loop is blocked: libuv cannot reap it yet
+    first = children.reap_adopted()  # the sweep sees an unrecorded zombie for the first time
+    await asyncio.sleep(0.2)  # the loop runs: libuv reaps its own child
+    print(first, children.reap_adopted(), await proc.wait())
+
+uvloop.run(main())
+"""
+
+
+def test_the_sweep_leaves_a_child_of_uvloop_to_its_own_wait():
+    """uvloop spawns from C, so its children look adopted: the sweep reaps an adopted zombie only on
+    its second sighting, after libuv has waited for its own."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", UV_SUBPROCESS], capture_output=True, text=True, timeout=30,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "[]", "3"]
+
+
 # ---- throttled logs ----------------------------------------------------------------------------------
 
 def test_stray_rpc_responses_are_logged_at_most_once_a_second_with_a_count(tmp_path):

@@ -113,6 +113,56 @@ def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid
     assert SECRET.encode() not in parts
 
 
+def _outcome(send) -> bytes | str:
+    try:
+        return written(send)
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("depth", [97, 98, 99, 100])
+def test_the_fast_paths_refuse_exactly_the_frames_too_deep_for_the_general_path(depth):
+    """``MAX_DEPTH`` counts from the frame: a chunk's data and a host call's arguments lie one
+    level down, in the fast paths as in the general one."""
+    data: object = {"q": 1}
+    for level in range(depth):
+        data = [data] if level % 2 else {"k": data}
+    fast = _outcome(lambda w: w.send_chunk(framing.chunk_prefix(1), 1, 0, data))
+    assert fast == _outcome(lambda w: w.send(protocol.chunk(1, 0, data)))
+    args = [data]
+    parts = _outcome(lambda w: w.send(protocol.rpc_request(7, 1, "t", redact.redact(args, depth=1), {}, None),
+                                      named=True))
+    assert parts == _outcome(lambda w: w.send(protocol.rpc_request(7, 1, "t", args, {}, None)))
+    assert isinstance(fast, bytes) == (depth < 99)
+
+
+def test_a_host_call_whose_tool_name_is_no_str_is_refused_before_anything_is_sent():
+    """The frame's own fields are not walked in the host-call fast path, so a tool name that could
+    hide a secret-named key (a map) is refused."""
+    import anyio
+
+    from bridge.worker.tools import ToolBridge
+
+    class Caller:
+        id, closed, parked, telemetry, tool_calls, tool_s = 1, False, set(), None, 0, 0.0
+
+    sent: list[dict] = []
+
+    class Writer:
+        dead = False
+
+        def send(self, frame: dict, extra: bytes = b"", named: bool = False) -> int:
+            sent.append(frame)
+            return 1
+
+    async def main() -> None:
+        with pytest.raises(TypeError, match="a tool's name is a str"):
+            await ToolBridge(Writer(), 1000).call(Caller(), {"api_key": "abc"}, [], {})  # type: ignore[arg-type]
+
+    anyio.run(main)
+    assert sent == []
+
+
 def test_the_operators_environment_keys_are_secrets():
     redact.learn_environment({"MY_SERVICE_TOKEN": "env-secret-98765", "HOME": "/root"})
     assert redact.redact("quoting env-secret-98765") == "quoting [REDACTED]"

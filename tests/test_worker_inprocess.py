@@ -603,6 +603,40 @@ def test_the_reader_reads_a_regular_file_which_cannot_be_polled(tmp_path, loop):
     assert b"".join(reads) == path.read_bytes() and reads[-1] == b""
 
 
+@pytest.mark.parametrize("run", ["asyncio", "uvloop"])
+def test_a_reader_cancelled_in_the_pass_its_input_arrives_reads_no_more(run):
+    """A cancel queued in the same pass of the loop as ready input and EOF (a signal, a timer): once
+    the reading task is cancelled, a readiness callback reads nothing more and leaves the finished
+    reader alone.  (uvloop may run the callback once before the cancel: that read is legitimate.)"""
+    import asyncio
+
+    import uvloop
+
+    from bridge.worker.transport import Reader
+
+    seen: list[bytes] = []
+    errors: list[object] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        reader = Reader(r, lambda data: seen.append(bytes(data)) or True)
+        task = asyncio.ensure_future(reader.run(anyio.lowlevel.checkpoint))
+        await asyncio.sleep(0)  # the reader now waits on its future, registered with the loop
+        os.write(w, b"x")
+        os.close(w)
+        asyncio.get_running_loop().call_soon(task.cancel)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(3):
+            await asyncio.sleep(0)
+        os.close(r)
+
+    (asyncio.run if run == "asyncio" else uvloop.run)(main())
+    assert errors == [] and seen in ([], [b"x"])  # never the EOF read, after the cancel
+
+
 @LOOPS
 def test_a_failure_in_the_readers_callback_is_raised_by_its_task(loop):
     from bridge.worker.transport import Reader

@@ -42,6 +42,8 @@ async def rpc_loop(args: dict, ctx: Context) -> dict:
     n = int_arg(args, "n")
     concurrency = int_arg(args, "concurrency", 1, minimum=1)
     tool = args.get("tool", "echo")
+    if type(tool) is not str:
+        raise PeerError(ErrorType.BAD_REQUEST, "'tool' must be a str")
     counter = iter(range(n))
     started = time.perf_counter()
 

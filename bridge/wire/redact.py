@@ -91,14 +91,16 @@ def learn_environment(environ: Mapping[str, str]) -> None:
             remember(value)
 
 
-def redact(value: Any, encoded: bytes | None = None) -> Any:
+def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
     """``value`` with every secret replaced by ``[REDACTED]``; the same object when none was found.
 
     ``encoded``: ``value`` already packed as msgpack (a frame on its way out).  Strings lie
     in it verbatim, so when no known secret occurs in it only key names are checked.
+    ``depth``: how deep ``value`` lies in its frame (a chunk's data: 1), so that the
+    ``MAX_DEPTH`` limit counts from the frame, as when the whole frame is walked.
     """
     values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
-    return _redact_map(value, values, 0) if type(value) is dict else _walk(value, values, 0)
+    return _redact_map(value, values, depth) if type(value) is dict else _walk(value, values, depth)
 
 
 def holds_secret(encoded: bytes) -> bool:

@@ -14,8 +14,10 @@ about to wait for (``subprocess``), which would then see no exit status.  So
 the worker records every pid that code in it creates (``os.fork``,
 ``os.posix_spawn[p]``, ``os.forkpty``, ``_posixsubprocess.fork_exec``, which
 ``subprocess`` uses), and ``reap_adopted`` only waits for zombie children it
-did not create.  A process forked by C code that bypasses these calls looks
-adopted; that is the one case where a status could be taken.
+did not create.  A process forked by C code that bypasses these calls (uvloop's
+``subprocess`` goes through libuv) looks adopted, so a zombie is reaped only when
+the previous pass, a second earlier, saw it too: its creator's own wait (libuv
+reaps on ``SIGCHLD``, within a pass of its loop) comes first.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ KILL_ROUNDS = 20  # bounds both the stop walks and the kill rounds
 _created: set[int] = set()  # pids the worker's own code created, still its children
 _lock = threading.Lock()  # held across a spawn, so a reap pass never sees a created pid unrecorded
 _tracking = False
+_zombies: set[int] = set()  # adopted zombies the last pass saw: reaped if this one sees them again
 passes = 0  # reap passes so far (tests wait on it)
 
 
@@ -70,9 +73,10 @@ def _recording(spawn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def reap_adopted() -> list[int]:
-    """Reap zombie children the worker did not create (adopted orphans); returns their pids.
-    Never ``waitpid(-1)``: user code waiting for its own children keeps their statuses."""
-    global passes
+    """Reap zombie children the worker did not create (adopted orphans) that the previous pass saw
+    as zombies already; returns their pids.  Never ``waitpid(-1)``: user code waiting for its own
+    children keeps their statuses."""
+    global passes, _zombies
     if not _tracking:
         return []
     if not _lock.acquire(blocking=False):
@@ -84,14 +88,15 @@ def reap_adopted() -> list[int]:
         adopted = children - _created
     finally:
         _lock.release()
+    zombies = {pid for pid in adopted if _state(pid) == "Z"}  # a zombie's pid cannot be reused
     reaped = []
-    for pid in adopted:
-        if _state(pid) == "Z":
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    reaped.append(pid)
-            except ChildProcessError:
-                pass
+    for pid in zombies & _zombies:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                reaped.append(pid)
+        except ChildProcessError:
+            pass
+    _zombies = zombies.difference(reaped)
     return reaped
 
 

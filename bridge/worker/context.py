@@ -49,7 +49,8 @@ class RequestView:
     ``shared`` collaborators.  An inline handler gets just this: it runs inside the reader,
     so it can neither stream nor call host tools, and building it costs a fifth of a ``Context``."""
 
-    __slots__ = ("id", "command", "session_id", "opens", "shared")
+    __slots__ = ("id", "command", "session_id", "opens", "shared", "deadline")
+    closed = False  # an inline request is running (``Context`` keeps its own)
 
     def __init__(self, req: protocol.Request, shared: Shared, opens: bool = False) -> None:
         self.id = req.id
@@ -57,11 +58,12 @@ class RequestView:
         self.session_id = req.session_id
         self.opens = opens  # the command sets its session up: an ended one starts afresh
         self.shared = shared
+        self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
 
     @property
     def cancelled(self) -> bool:
-        """False: an inline request runs to its end at once (``Context`` overrides this)."""
-        return False
+        """True once the request's ``timeout_ms`` has passed (``Context`` adds cancel and end)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     @property
     def log(self) -> logging.LoggerAdapter:
@@ -82,7 +84,7 @@ class Context(RequestView):
     group's ``meta`` instead (``worker.respond``).
     """
 
-    __slots__ = ("deadline", "seq", "closed", "parked",
+    __slots__ = ("seq", "closed", "parked",
                  "_writer", "_credit", "_waiters", "_since_yield",
                  "arrived", "started", "first_chunk", "chunk_bytes", "tool_calls", "tool_s", "lm", "telemetry",
                  "_watch_chunks", "_chunk_prefix")

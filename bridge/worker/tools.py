@@ -94,6 +94,8 @@ class ToolBridge:
         ``announce(rpc_id)`` runs just before the request is written, so a caller
         can tell the host which call is coming (ReAct's ``tool_call`` chunk).
         """
+        if type(tool) is not str:  # the frame's own fields are not walked for secret names (``named``)
+            raise TypeError(f"a tool's name is a str, not {type(tool).__name__}")
         if self._input_closed:
             raise ToolError("host_closed", HOST_CLOSED)
         if ctx.closed:
@@ -117,8 +119,8 @@ class ToolBridge:
             telemetry.event("tool_start", {"system_time": time.time()}, {"tool": tool, "rpc_id": rpc_id})
         try:
             # only the handler's arguments can hold a secret-named key: the frame's own keys name none
-            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, redact(args), redact(kwargs), timeout_ms),
-                              named=True)
+            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, redact(args, depth=1), redact(kwargs, depth=1),
+                                                   timeout_ms), named=True)
             await slot.future
         finally:
             ctx.parked.discard(slot)

@@ -87,6 +87,9 @@ class Reader:
             await drained()
 
     def _on_readable(self) -> None:
+        if self._stop.done():  # type: ignore[union-attr]  # the reading task was cancelled in this pass
+            self._loop.remove_reader(self.fd)  # type: ignore[union-attr]
+            return
         try:
             status = self._read_once()
         except BaseException as exc:  # a bug in ``on_data``: the reading task raises it
@@ -159,7 +162,7 @@ class FrameWriter:
         keys, since the frame's own keys name none.  A chunk in which a known secret occurs,
         or whose data needs redacting, goes through ``send`` like any frame."""
         encoded = framing.encode_chunk(prefix, seq, data)
-        if holds_secret(encoded) or (type(data) in _CONTAINERS and redact(data, encoded) is not data):
+        if holds_secret(encoded) or (type(data) in _CONTAINERS and redact(data, encoded, 1) is not data):
             return self.send(protocol.chunk(rid, seq, data))
         if self.tap is not None and not self.dead:
             self.tap(protocol.chunk(rid, seq, data))
