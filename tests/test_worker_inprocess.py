@@ -722,6 +722,28 @@ def test_the_server_dispatches_refuses_and_answers_in_order():
     assert serving(_handlers, scenario) == 0
 
 
+def test_an_inline_handler_sees_its_deadline_with_or_without_telemetry():
+    """An inline handler's ``RequestView`` answers ``deadline``, ``cancelled`` and ``closed`` as the
+    full ``Context`` it gets when telemetry is on."""
+    def setup(registry) -> None:
+        def view(args: dict, ctx: Any) -> dict:
+            return {"deadline": ctx.deadline is not None, "cancelled": ctx.cancelled, "closed": ctx.closed}
+
+        registry.add("view", view, inline=True, args=())
+
+    async def scenario(pipes: Pipes, server: Any) -> None:
+        expected = {"deadline": True, "cancelled": False, "closed": False}
+        pipes.send({"type": "request", "id": 1, "command": "view", "timeout_ms": 60_000})
+        assert (await pipes.frame())["data"] == expected
+        pipes.send({"type": "request", "id": 2, "command": "view", "timeout_ms": 60_000, "telemetry": True})
+        frames = [await pipes.frame() for _ in range(3)]  # start, stop, result
+        assert [f for f in frames if f["type"] == "result"][0]["data"] == expected
+        pipes.send({"type": "request", "id": 3, "command": "view", "timeout_ms": 0})
+        assert (await pipes.frame())["data"]["cancelled"] is True
+
+    assert serving(setup, scenario) == 0
+
+
 def test_the_server_holds_chunks_to_the_window_until_credit_comes():
     async def scenario(pipes: Pipes, server: Any) -> None:
         pipes.send({"type": "request", "id": "s", "command": "emit", "args": {"n": 3}, "window": 1})
