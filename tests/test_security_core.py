@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -55,7 +56,15 @@ SECRET = "sk-fastpath-secret-0042"
 keys = st.sampled_from(["q", "text", "api_key", "X-Auth-Token", "ſecret", "\u212aey", "monkey", SECRET])
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(allow_nan=False)
            | st.sampled_from([SECRET, f"Bearer {SECRET}", "plain", SECRET.encode()]) | st.text(max_size=8))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
+class Text(str):
+    """A str subclass (``numpy.str_`` is one): msgpack packs it as a str."""
+
+
+lookalikes = (st.sampled_from([SECRET, "plain", f"x {SECRET}"]).map(Text)
+              | st.sampled_from([SECRET.encode(), b"plain"]).map(memoryview))
+values = st.recursive(scalars | lookalikes,
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4)
+                      | st.dictionaries(keys, inner, max_size=4).map(OrderedDict) | st.lists(inner, max_size=3).map(tuple),
                       max_leaves=12)
 ids = st.integers(min_value=0, max_value=2**64 - 1) | st.sampled_from(["r1", SECRET, f"id-{SECRET}"])
 
@@ -111,6 +120,24 @@ def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid
                                                               redact.redact(kwargs), None), named=True))
         assert parts == written(whole)
     assert SECRET.encode() not in parts
+
+
+@pytest.mark.parametrize("data, hidden", [
+    (Text(f"x {SECRET}"), SECRET.encode()),
+    (memoryview(f"x {SECRET}".encode()), SECRET.encode()),
+    (OrderedDict(q=SECRET), SECRET.encode()),
+    (OrderedDict(api_key="short"), b"short"),
+    ({"api_key": "sk-fresh-in-frame-1", "note": "sk-fresh-in-frame-1"}, b"sk-fresh-in-frame-1"),
+    ({"note": "sk-fresh-in-frame-2", "api_key": "sk-fresh-in-frame-2"}, b"sk-fresh-in-frame-2"),
+], ids=["str subclass", "memoryview", "dict subclass by value", "dict subclass by name",
+        "learned before its copy", "learned after its copy"])
+def test_values_that_only_pack_like_str_bin_or_map_are_redacted_too(data, hidden):
+    """What msgpack packs as a str, a bin or a map is walked as one (subclasses, memoryview), and a
+    secret learned by name during a walk is hidden wherever else the frame holds it."""
+    with knowing_only(SECRET):
+        general = written(lambda w: w.send(protocol.chunk(1, 0, data)))
+        fast = written(lambda w: w.send_chunk(framing.chunk_prefix(1), 1, 0, data))
+    assert hidden not in general and hidden not in fast and b"[REDACTED]" in general
 
 
 def _outcome(send) -> bytes | str:

@@ -31,6 +31,7 @@ _NAMES_CACHED = 4096
 _names: dict[Any, bool] = {}
 _clean: set[str] = set()  # key names known not to be secret ones (a C-speed subset test per map)
 _secrets: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+_learned = 0  # counts the secrets learned: a walk that learned one walks its result again
 _lock = threading.Lock()
 _text: re.Pattern[str] | None = None
 _binary: re.Pattern[bytes] | None = None
@@ -50,11 +51,12 @@ def secret_name(name: Any) -> bool:
 
 def remember(value: str) -> None:
     """Redact ``value`` (and ``value.strip()``) by value from now on."""
-    global _text, _binary
+    global _text, _binary, _learned
     new = [v for v in {value, value.strip()} if len(v) >= MIN_SECRET and v not in _secrets]
     if not new:
         return
     with _lock:
+        _learned += 1
         for v in new:
             _secrets[v] = None
         while len(_secrets) > MAX_SECRETS:
@@ -100,7 +102,11 @@ def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
     ``MAX_DEPTH`` limit counts from the frame, as when the whole frame is walked.
     """
     values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
-    return _redact_map(value, values, depth) if type(value) is dict else _walk(value, values, depth)
+    learned = _learned
+    out = _redact_map(value, values, depth) if type(value) is dict else _walk(value, values, depth)
+    if _learned != learned:  # a secret-named value was new: it may also lie in what was walked before it
+        out = _walk(out, True, depth)
+    return out
 
 
 def holds_secret(encoded: bytes) -> bool:
@@ -114,18 +120,35 @@ def _walk(value: Any, values: bool, depth: int) -> Any:
         return _redact_map(value, values, depth)
     if kind is list or kind is tuple:
         return _redact_items(value, values, depth)
-    if not values:
-        return value
     if kind is str:
-        return _text.sub(MARK, value) if _text.search(value) else value  # type: ignore[union-attr]
+        return _text.sub(MARK, value) if values and _text.search(value) else value  # type: ignore[union-attr]
     if kind is bytes or kind is bytearray:
-        return _binary.sub(MARK.encode(), value) if _binary.search(value) else value  # type: ignore[union-attr]
-    return value
+        return _binary.sub(MARK.encode(), value) if values and _binary.search(value) else value  # type: ignore[union-attr]
+    if kind in KEYLESS:
+        return value
+    return _walk_lookalike(value, values, depth)
 
 
-_SECRET_VALUES = (str, bytes, dict, list)
-_CONTAINERS = (dict, list, tuple)
-_CONTAINER_TYPES = frozenset(_CONTAINERS)
+def _walk_lookalike(value: Any, values: bool, depth: int) -> Any:
+    """A value msgpack packs as a map, an array, a str or a bin without being exactly one (a dict or
+    str subclass, a memoryview, ``ExtType``): walked as what it is packed as."""
+    if isinstance(value, dict):
+        return _redact_map(value, values, depth)
+    if isinstance(value, (list, tuple)):
+        return _redact_items(value, values, depth)
+    if isinstance(value, str):
+        plain: Any = str(value)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        plain = bytes(value)
+    else:
+        return value
+    hidden = _walk(plain, values, depth)
+    return value if hidden is plain else hidden
+
+
+_SECRET_VALUES = (str, bytes, bytearray, memoryview, dict, list, tuple)  # redacted whole under a secret name
+_CONTAINER_TYPES = frozenset((dict, list, tuple))
+KEYLESS = frozenset({str, bytes, bytearray, int, float, bool, type(None)})  # exact types that hold no key
 
 
 def _too_deep() -> ValueError:
@@ -142,15 +165,15 @@ def _redact_map(value: dict, values: bool, depth: int) -> dict:
     if depth >= MAX_DEPTH:
         raise _too_deep()
     harmless_keys = not values and value.keys() <= _clean  # C speed: the common frame ends here
-    if harmless_keys and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
+    if harmless_keys and KEYLESS.issuperset(map(type, value.values())):
         return value
     out = None
     for key, item in value.items():
-        if not harmless_keys and secret_name(key) and type(item) in _SECRET_VALUES and item != MARK:
-            if type(item) is str:
-                remember(item)
+        if not harmless_keys and secret_name(key) and isinstance(item, _SECRET_VALUES) and item != MARK:
+            if isinstance(item, str):
+                remember(str(item))
             new = MARK
-        elif values or type(item) in _CONTAINERS:
+        elif values or type(item) not in KEYLESS:
             new = _walk(item, values, depth + 1)
         else:
             continue
@@ -165,7 +188,7 @@ def _redact_map(value: dict, values: bool, depth: int) -> dict:
 
 
 def _redact_items(value: Iterable[Any], values: bool, depth: int) -> Any:
-    if not values and _CONTAINER_TYPES.isdisjoint(map(type, value)):  # scalars: no key to check
+    if not values and KEYLESS.issuperset(map(type, value)):  # scalars: no key to check
         return value
     if depth >= MAX_DEPTH:
         raise _too_deep()
