@@ -172,7 +172,7 @@ class Decoder:
                 # a small body as a copy: msgpack takes a memoryview's buffer at about 0.4 µs more
                 event = unpack_body(buf[start:start + size] if size <= COPY_BYTES else view[start:start + size])
                 if self.keep_raw:  # a copy: no view may outlive this call (the buffer is resized)
-                    event = event._replace(raw=bytes(view[pos + 4 : pos + 4 + size]))
+                    event = event._replace(raw=bytes(view[start:start + size]))
                 events.append(event)
                 pos += 4 + size
         finally:

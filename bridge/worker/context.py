@@ -62,8 +62,8 @@ class RequestView:
 
     @property
     def cancelled(self) -> bool:
-        """True once the request's ``timeout_ms`` has passed (``Context`` adds cancel and end)."""
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        """True once the request was cancelled, timed out or ended: cooperative code stops."""
+        return self.closed or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     @property
     def log(self) -> logging.LoggerAdapter:
@@ -91,12 +91,7 @@ class Context(RequestView):
 
     def __init__(self, req: protocol.Request, shared: Shared, arrived: float, observed: bool = False,
                  lm: bool = False, opens: bool = False) -> None:
-        self.id = req.id
-        self.command = req.command
-        self.session_id = req.session_id
-        self.opens = opens
-        self.shared = shared
-        self.deadline = time.monotonic() + req.timeout_ms / 1000 if req.timeout_ms is not None else None
+        RequestView.__init__(self, req, shared, opens)
         self.seq = 0
         self.closed = False
         self.parked: set[Slot] = set()  # this request's host calls waiting for an answer
@@ -115,13 +110,6 @@ class Context(RequestView):
                           if observed else None)
         self._watch_chunks = True  # the first chunk's time, then every chunk's with telemetry
         self._chunk_prefix: bytes | None = None  # built with the first chunk
-
-    # ---- state -----------------------------------------------------------------
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the request was cancelled, timed out or ended: cooperative code stops."""
-        return self.closed or (self.deadline is not None and time.monotonic() >= self.deadline)
 
     # ---- chunks ----------------------------------------------------------------
 
