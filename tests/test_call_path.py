@@ -150,3 +150,38 @@ def test_other_callables_still_go_to_a_thread_even_unhashable_ones():
             return threading.current_thread().name
 
     assert asyncio.run(asyncio.to_thread(Unhashable())) != threading.main_thread().name
+
+
+def test_an_inlined_hop_still_lets_the_loop_run():
+    """Each of DSPy's hops that runs inline still yields to the loop once, as the hop did, so a
+    call's CPU comes in several steps and the worker's reader is not held for a whole call
+    start (ping p99 under DSPy load, ``docs/performance.md``)."""
+    from bridge.lm.engines import build_lm
+
+    lm = build_lm("scripted/yields", {"script": [{"answer": "ok"}] * 2})
+    executor, program = Recording(), dspy.Predict(QA)
+
+    async def main() -> list[int]:
+        asyncio.get_running_loop().set_default_executor(executor)
+        turns = 0
+
+        async def other_task() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        counted = []
+        with dspy.context(lm=lm):
+            await program.acall(question="warm")  # builds what the first call builds, in threads
+            ticker = asyncio.create_task(other_task())
+            await asyncio.sleep(0)
+            before, sent = turns, len(executor.sent)
+            assert (await program.acall(question="q")).answer == "ok"
+            counted = [turns - before, len(executor.sent) - sent]
+            ticker.cancel()
+        return counted
+
+    turns, threaded = asyncio.run(main())
+    assert threaded == 0  # every hop of this call ran inline
+    assert turns >= 3  # one around the call, one at each inlined hop: preparation and pricing here

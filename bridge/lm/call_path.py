@@ -14,8 +14,8 @@ changes what a program returns, only what a call costs:
 - model names are resolved by one kept offline engine, not by a new one (and its
   router) three times per call, and an engine remembers how it
   resolved a model name (offline routing, a pure function of its frozen config);
-- DSPy's four thread hops per ``acall`` run inline when they cannot block
-  (``_inline``);
+- DSPy's four thread hops per ``acall`` run inline when they cannot block,
+  each still one turn of the loop (``_inline``);
 - DSPy's call history is off (``_no_history``): ``lm.history`` stays empty;
 - ``lm.configure``'s ``stream_usage: false`` reaches the native client
   (``_stream_usage_option``), whose OpenAI preset always asks for stream usage.
@@ -228,6 +228,10 @@ def _inline() -> None:
     a wake-up of the loop) costs more than the step: 500 concurrent predicts took
     0.3 s longer with them.  Each rule below names the blocking case it rules out; a
     step it does not rule out goes to the thread as before.
+
+    An inlined step still gives the loop its turn first, as the hop did: a call's start
+    then runs in several short steps, not one of 1–2 ms, and a ``ping`` arriving meanwhile
+    waits for one of them (ping p99 under DSPy load: 5.4 to 3.1 ms, ``docs/performance.md``).
     """
     from dspy.clients import capabilities, execution
     from dspy.clients.engines import lm15_engine
@@ -239,11 +243,12 @@ def _inline() -> None:
         (lm15_engine._Routing._target, _provider_built),
     )
     rules = {id(step): rule for step, rule in steps}
-    to_thread = asyncio.to_thread
+    to_thread, sleep = asyncio.to_thread, asyncio.sleep
 
     async def inline_or_thread(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         rule = rules.get(id(getattr(func, "__func__", func)))  # by identity: any callable may come here
         if rule is not None and rule(func, *args, **kwargs):
+            await sleep(0)  # the loop's turn, as with the hop
             return contextvars.copy_context().run(func, *args, **kwargs)  # isolated like a thread's context
         return await to_thread(func, *args, **kwargs)
 
