@@ -116,8 +116,8 @@ def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid
     with knowing_only(SECRET):
         whole = lambda w: w.send(protocol.rpc_request(7, rid, "t", args, kwargs, None))  # noqa: E731
         written(whole)  # learns what secret-named keys hold, so both paths below know it
-        parts = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", redact.redact(args),
-                                                              redact.redact(kwargs), None), named=True))
+        parts = written(lambda w: w.send(protocol.rpc_request(7, rid, "t", *redact.arguments(args, kwargs), None),
+                                         named=True))
         assert parts == written(whole)
     assert SECRET.encode() not in parts
 
@@ -157,7 +157,7 @@ def test_the_fast_paths_refuse_exactly_the_frames_too_deep_for_the_general_path(
     fast = _outcome(lambda w: w.send_chunk(framing.chunk_prefix(1), 1, 0, data))
     assert fast == _outcome(lambda w: w.send(protocol.chunk(1, 0, data)))
     args = [data]
-    parts = _outcome(lambda w: w.send(protocol.rpc_request(7, 1, "t", redact.redact(args, depth=1), {}, None),
+    parts = _outcome(lambda w: w.send(protocol.rpc_request(7, 1, "t", *redact.arguments(args, {}), None),
                                       named=True))
     assert parts == _outcome(lambda w: w.send(protocol.rpc_request(7, 1, "t", args, {}, None)))
     assert isinstance(fast, bytes) == (depth < 99)

@@ -109,6 +109,16 @@ def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
     return out
 
 
+def arguments(args: list, kwargs: dict) -> tuple[list, dict]:
+    """A host call's ``args`` and ``kwargs`` with the values of secret-named keys hidden, for a frame
+    whose other fields name no secret: sent with ``send(named=True)``, which scans its bytes for
+    known secrets by value.  The common call, scalar arguments and no keywords, has no key to check."""
+    for value in args:
+        if type(value) not in KEYLESS:
+            return redact(args, depth=1), redact(kwargs, depth=1)
+    return args, redact(kwargs, depth=1) if kwargs else kwargs
+
+
 def holds_secret(encoded: bytes) -> bool:
     """Does a known secret occur in ``encoded`` (a packed frame)?  One C-speed scan."""
     return _binary is not None and _binary.search(encoded) is not None

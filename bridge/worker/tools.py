@@ -30,7 +30,7 @@ import anyio
 from bridge.observe.logs import Throttled
 from bridge.wire import protocol
 from bridge.wire.errors import RequestClosed, ToolError
-from bridge.wire.redact import redact
+from bridge.wire.redact import arguments
 
 if TYPE_CHECKING:
     from bridge.worker.transport import FrameWriter
@@ -119,8 +119,8 @@ class ToolBridge:
             telemetry.event("tool_start", {"system_time": time.time()}, {"tool": tool, "rpc_id": rpc_id})
         try:
             # only the handler's arguments can hold a secret-named key: the frame's own keys name none
-            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, redact(args, depth=1), redact(kwargs, depth=1),
-                                                   timeout_ms), named=True)
+            args, kwargs = arguments(args, kwargs)
+            self._writer.send(protocol.rpc_request(rpc_id, ctx.id, tool, args, kwargs, timeout_ms), named=True)
             await slot.future
         finally:
             ctx.parked.discard(slot)
@@ -137,6 +137,9 @@ class ToolBridge:
                 ok = slot.response is not None and slot.response.ok
                 telemetry.event("tool_end", {"duration_ms": elapsed * 1000},
                                 {"tool": tool, "rpc_id": rpc_id, "ok": ok})
+        response = slot.response
+        if response is not None and response.ok:  # ``_outcome``'s common case, without the call
+            return response.result
         return _outcome(slot, tool, timeout_ms, ctx)
 
     def on_response(self, response: protocol.RpcResponse) -> None:
