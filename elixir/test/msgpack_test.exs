@@ -28,6 +28,31 @@ defmodule DSPyBridge.MsgpackTest do
       end
     end
 
+    test "a binary goes out as str exactly when it is UTF-8 by String.valid?/1" do
+      :rand.seed(:exsss, @seed)
+
+      edge_cases = [
+        "",
+        "é€𝄞",
+        <<0xED, 0xA0, 0x80>>,
+        <<0xC0, 0x80>>,
+        <<0xE0, 0x80, 0x80>>,
+        <<0xF4, 0x90, 0x80, 0x80>>,
+        <<0xF4, 0x8F, 0xBF, 0xBF>>,
+        <<0xEF, 0xBF, 0xBE>>,
+        <<0xE2, 0x82>>,
+        <<0xF8, 0x88, 0x80, 0x80, 0x80>>,
+        "abc" <> <<0x80>>
+      ]
+
+      random = for _ <- 1..20_000, do: :crypto.strong_rand_bytes(:rand.uniform(6))
+
+      for b <- edge_cases ++ random do
+        <<type, _::binary>> = IO.iodata_to_binary(Msgpack.pack!(b))
+        assert (type in 0xA0..0xBF or type == 0xD9) == String.valid?(b), inspect(b)
+      end
+    end
+
     test "atoms go out as strings, nil/true/false as themselves" do
       assert roundtrip(%{n: 3, k: :v, x: [nil, true, false]}) ==
                %{"n" => 3, "k" => "v", "x" => [nil, true, false]}

