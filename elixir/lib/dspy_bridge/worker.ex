@@ -350,7 +350,7 @@ defmodule DSPyBridge.Worker do
             {:error, e} -> {"exception", %{"error_type" => e.type}}
           end
 
-        emit(st, event, meta || %{}, metadata(req, id, extra))
+        if st.emit, do: emit(st, event, meta || %{}, metadata(req, id, extra))
         send(req.caller, {:dspy_bridge, req.ref, outcome})
         session_outcome(st, req, outcome)
         finish(st, id)
