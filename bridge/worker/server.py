@@ -47,6 +47,8 @@ from bridge.worker.transport import FrameWriter, Reader, peer_closed, prepare_fd
 log = logging.getLogger("bridge.server")
 
 CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions", "meta", "telemetry"]
+# An enum member looked up on its class costs about 0.1 µs in Python 3.11; dispatch compares with these.
+INLINE, ASYNC, SYNC, ASYNC_GEN = Kind.INLINE, Kind.ASYNC, Kind.SYNC, Kind.ASYNC_GEN
 
 
 class Inflight:
@@ -268,7 +270,7 @@ class Server:
             if unknown is not None:
                 respond.reject(req.id, ErrorType.BAD_REQUEST, _unknown_message(entry.name, unknown), unknown)
                 return
-        if entry.kind is Kind.INLINE:
+        if entry.kind is INLINE:
             self._run_inline(entry, req)
             return
         if len(self.inflight) >= self.config.max_inflight:
@@ -346,7 +348,7 @@ class Server:
             with state.scope:
                 if entry.needs_dspy and not self.warm.is_set():
                     await self.warm.wait()
-                if entry.kind is Kind.ASYNC or entry.kind is Kind.ASYNC_GEN:
+                if entry.kind is ASYNC or entry.kind is ASYNC_GEN:
                     _begin(ctx)  # thread handlers begin in their thread: waiting for one is queue time
                 frame = protocol.result(req.id, await self._invoke(entry, req.args, ctx))
         except Exception as exc:
@@ -367,11 +369,11 @@ class Server:
         """Drive the handler by its kind: on the loop, or in a worker thread (abandoned on cancel,
         counted against ``--max-threads`` until it returns)."""
         kind = entry.kind
-        if kind is Kind.ASYNC:
+        if kind is ASYNC:
             return await entry.fn(args, ctx)
-        if kind is Kind.SYNC:
+        if kind is SYNC:
             return await self.threads.run_sync(_call_sync, entry, args, ctx)
-        if kind is Kind.ASYNC_GEN:
+        if kind is ASYNC_GEN:
             async with aclosing(entry.fn(args, ctx)) as agen:
                 async for item in agen:
                     if not ctx.try_emit(item):
