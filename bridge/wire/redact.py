@@ -69,7 +69,7 @@ def remember(value: str) -> None:
 def learn(value: Any) -> None:
     """Remember every string under a secret-named key of ``value`` (maps and lists, any depth:
     iterative, so no input is too deep for it)."""
-    if type(value) is dict and value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
+    if type(value) is dict and _clean.issuperset(value) and _CONTAINER_TYPES.isdisjoint(map(type, value.values())):
         return  # ``_flat_and_harmless`` inlined: the common request's args end here, without a call
     stack = [value]
     while stack:
@@ -168,13 +168,13 @@ def _too_deep() -> ValueError:
 
 def _flat_and_harmless(value: dict) -> bool:
     """No key that names a secret, and no nested map or list: checked at C speed (the common frame)."""
-    return value.keys() <= _clean and _CONTAINER_TYPES.isdisjoint(map(type, value.values()))
+    return _clean.issuperset(value) and _CONTAINER_TYPES.isdisjoint(map(type, value.values()))
 
 
 def _redact_map(value: dict, values: bool, depth: int) -> dict:
     if depth >= MAX_DEPTH:
         raise _too_deep()
-    harmless_keys = not values and value.keys() <= _clean  # C speed: the common frame ends here
+    harmless_keys = not values and _clean.issuperset(value)  # C speed: the common frame ends here
     if harmless_keys and KEYLESS.issuperset(map(type, value.values())):
         return value
     out = None
