@@ -52,6 +52,13 @@ async def _echo(server: Any, on_read: Callable[[memoryview], bool], n: int) -> N
         on_read(read)
 
 
+async def _echo1(server: Any, on_read: Callable[[memoryview], bool], n: int) -> None:
+    """Reads of one echo request each: a sequential caller's path, once per read."""
+    read = memoryview(frame({"type": "request", "id": 1, "command": "echo", "args": {"x": 1}}))
+    for _ in range(n):
+        on_read(read)
+
+
 async def _tool(server: Any, on_read: Callable[[memoryview], bool], n: int) -> None:
     """``rpc_loop`` with ``LANES`` calls parked, answered oldest first, ``ANSWERS_PER_READ`` per read.
     A lane takes its argument and its ``rpc_id`` in one step, so call ``rpc_id`` carries ``rpc_id - 1``."""
@@ -83,7 +90,7 @@ async def _stream(server: Any, on_read: Callable[[memoryview], bool], n: int) ->
 
 
 DRIVERS: dict[str, Callable[[Any, Callable[[memoryview], bool], int], Awaitable[None]]] = {
-    "echo": _echo, "tool": _tool, "stream": _stream}
+    "echo": _echo, "echo1": _echo1, "tool": _tool, "stream": _stream}
 
 
 def child(scenario: str, n: int) -> None:
@@ -104,7 +111,7 @@ def child(scenario: str, n: int) -> None:
             await DRIVERS[scenario](self, on_read, n)
             self._tg.cancel_scope.cancel()
             snapshot = self.metrics.snapshot()
-            expected = n // ECHO_PER_READ * ECHO_PER_READ if scenario == "echo" else 1
+            expected = {"echo": n // ECHO_PER_READ * ECHO_PER_READ, "echo1": n}.get(scenario, 1)
             if snapshot["errors"] or sum(snapshot["requests"].values()) != expected:
                 raise SystemExit(f"the {scenario} driver's requests failed: {snapshot['requests']}, {snapshot['errors']}")
 
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found on PATH (Debian: apt-get install valgrind)")
-    n = opts.n or {"echo": 32 * ECHO_PER_READ * 16, "tool": 2000, "stream": 20000}[opts.scenario]
+    n = opts.n or {"echo": 32 * ECHO_PER_READ * 16, "echo1": 10000, "tool": 2000, "stream": 20000}[opts.scenario]
     baseline = None
     print(f"{'build':<30} | instructions per {opts.scenario} item | ratio")
     for root in opts.roots:

@@ -20,7 +20,7 @@ def run_child(scenario: str, n: int, source: str = ICOUNT) -> subprocess.Complet
                           capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("scenario", ["echo", "tool", "stream"])
+@pytest.mark.parametrize("scenario", ["echo", "echo1", "tool", "stream"])
 def test_each_driver_runs_its_requests_to_success(scenario):
     done = run_child(scenario, 640)
     assert done.returncode == 0, done.stderr[-2000:]
