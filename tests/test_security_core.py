@@ -122,6 +122,15 @@ def test_a_host_call_redacted_by_its_parts_writes_what_the_whole_frame_would(rid
     assert SECRET.encode() not in parts
 
 
+@pytest.mark.parametrize("args", [{"api_key": "sk-in-a-map-1"}, ({"api_key": "sk-in-a-map-1"},), [1, {"token": "sk-in-a-map-1"}]],
+                         ids=["a map", "a tuple", "a list with a map"])
+def test_host_call_arguments_that_are_not_a_list_of_scalars_are_walked_by_name(args):
+    """Only a list of scalars skips the by-name walk: a handler passing a map or a tuple as ``args``
+    (``shared.tools.call`` takes what it is given) gets it walked."""
+    hidden, _ = redact.arguments(args, {})
+    assert hidden == redact.redact(args, depth=1) and "sk-in-a-map-1" not in repr(hidden)
+
+
 @pytest.mark.parametrize("data, hidden", [
     (Text(f"x {SECRET}"), SECRET.encode()),
     (memoryview(f"x {SECRET}".encode()), SECRET.encode()),

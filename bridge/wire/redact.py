@@ -112,11 +112,14 @@ def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
 def arguments(args: list, kwargs: dict) -> tuple[list, dict]:
     """A host call's ``args`` and ``kwargs`` with the values of secret-named keys hidden, for a frame
     whose other fields name no secret: sent with ``send(named=True)``, which scans its bytes for
-    known secrets by value.  The common call, scalar arguments and no keywords, has no key to check."""
-    for value in args:
-        if type(value) not in KEYLESS:
-            return redact(args, depth=1), redact(kwargs, depth=1)
-    return args, redact(kwargs, depth=1) if kwargs else kwargs
+    known secrets by value.  The common call, a list of scalars and no keywords, has no key to check."""
+    if type(args) is list:
+        for value in args:
+            if type(value) not in KEYLESS:
+                break
+        else:
+            return args, redact(kwargs, depth=1) if kwargs else kwargs
+    return redact(args, depth=1), redact(kwargs, depth=1)
 
 
 def holds_secret(encoded: bytes) -> bool:
