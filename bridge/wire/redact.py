@@ -102,6 +102,16 @@ def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
     ``MAX_DEPTH`` limit counts from the frame, as when the whole frame is walked.
     """
     values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
+    return _redacted(value, values, depth)
+
+
+def by_name(value: Any, depth: int = 0) -> Any:
+    """``redact`` for a value whose bytes were scanned already and hold no known secret
+    (``holds_secret``), or will be: only the values of secret-named keys are hidden."""
+    return _redacted(value, False, depth)
+
+
+def _redacted(value: Any, values: bool, depth: int) -> Any:
     learned = _learned
     out = _redact_map(value, values, depth) if type(value) is dict else _walk(value, values, depth)
     if _learned != learned:  # a secret-named value was new: it may also lie in what was walked before it
@@ -118,8 +128,8 @@ def arguments(args: list, kwargs: dict) -> tuple[list, dict]:
             if type(value) not in KEYLESS:
                 break
         else:
-            return args, redact(kwargs, depth=1) if kwargs else kwargs
-    return redact(args, depth=1), redact(kwargs, depth=1)
+            return args, by_name(kwargs, 1) if kwargs else kwargs
+    return by_name(args, 1), by_name(kwargs, 1)
 
 
 def holds_secret(encoded: bytes) -> bool:

@@ -20,7 +20,7 @@ import anyio
 import anyio.lowlevel
 
 from bridge.wire import framing, protocol
-from bridge.wire.redact import KEYLESS, holds_secret, redact
+from bridge.wire.redact import KEYLESS, by_name, holds_secret, redact
 
 READ_SIZE = 256 * 1024
 HIGH_WATER = 1024 * 1024
@@ -161,7 +161,7 @@ class FrameWriter:
         keys, since the frame's own keys name none.  A chunk in which a known secret occurs,
         or whose data needs redacting, goes through ``send`` like any frame."""
         encoded = framing.encode_chunk(prefix, seq, data)
-        if holds_secret(encoded) or (type(data) not in KEYLESS and redact(data, encoded, 1) is not data):
+        if holds_secret(encoded) or (type(data) not in KEYLESS and by_name(data, 1) is not data):
             return self.send(protocol.chunk(rid, seq, data))
         if self.tap is not None and not self.dead:
             self.tap(protocol.chunk(rid, seq, data))
