@@ -62,11 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @_subcommand
 def cmd_serve(opts: argparse.Namespace) -> int:
-    # Start-up only allocates what lives on (modules, classes, the server): a cyclic collection
-    # finds nothing, and the ones the imports trigger cost several ms before ``ready``.  The
-    # collector is back on as soon as the event loop runs (``_serve``), with what start-up built frozen
-    # (as the warm-up's imports are later): collections after ``ready`` do not walk it either.
-    gc.disable()
+    # The cyclic collector is off since ``main`` (start-up builds only what lives on); it is back
+    # on, with what start-up built frozen, as soon as the event loop runs (``_serve``).
     from bridge.wire import redact
     from bridge.worker import children, stdio
 
@@ -231,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["serve", *argv]  # serve is the default; a mistyped subcommand is an invalid choice
     if argv[0] == "serve":
-        gc.disable()  # from here already: building the parser collects too (see cmd_serve)
+        # Start-up only allocates what lives on (modules, classes, the parser, the server): a cyclic
+        # collection finds nothing, and the ones the imports trigger cost several ms before ``ready``.
+        # ``_serve`` turns the collector back on, with what start-up built frozen (as the warm-up's
+        # imports are later): collections after ``ready`` do not walk it either.
+        gc.disable()
     opts = build_parser().parse_args(argv)
     return SUBCOMMANDS[opts.command](opts)

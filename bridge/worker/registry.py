@@ -87,9 +87,6 @@ class Registry:
         self.entries[name] = entry
         return entry
 
-    def get(self, name: str) -> Entry | None:
-        return self.entries.get(name)
-
     def names(self) -> list[str]:
         return sorted(self.entries)
 
