@@ -171,7 +171,6 @@ def test_an_inlined_hop_still_lets_the_loop_run():
                 turns += 1
                 await asyncio.sleep(0)
 
-        counted = []
         with dspy.context(lm=lm):
             await program.acall(question="warm")  # builds what the first call builds, in threads
             ticker = asyncio.create_task(other_task())

@@ -286,7 +286,8 @@ async def main():
     while children._state(proc.pid) != "Z":
         time.sleep(0.005)  # the loop is blocked: libuv cannot reap it yet
     first = children.reap_adopted()  # the sweep sees an unrecorded zombie for the first time
-    await asyncio.sleep(0.2)  # the loop runs: libuv reaps its own child
+    while children._state(proc.pid) == "Z":  # the loop runs: libuv reaps its own child
+        await asyncio.sleep(0.005)
     print(first, children.reap_adopted(), await proc.wait())
 
 uvloop.run(main())
