@@ -49,6 +49,9 @@ log = logging.getLogger("bridge.server")
 CAPABILITIES = ["chunks", "cancel", "timeout", "credit", "rpc", "sessions", "meta", "telemetry"]
 # An enum member looked up on its class costs about 0.1 µs in Python 3.11; dispatch compares with these.
 INLINE, ASYNC, SYNC, ASYNC_GEN = Kind.INLINE, Kind.ASYNC, Kind.SYNC, Kind.ASYNC_GEN
+# uvloop's clock counts whole milliseconds, and so does the timer a deadline sets: each may be up to
+# one behind the real time, so a request's deadline gets two more, never to end before its timeout_ms.
+UVLOOP_DEADLINE_SLACK = 0.002
 
 
 class Inflight:
@@ -81,6 +84,8 @@ class Server:
         self.metrics = WorkerMetrics()
         self.telemetry_all = config.telemetry  # read per request: a plain attribute is cheapest
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in serve()
+        self.loop_name = ""  # uvloop or asyncio (--loop), set in serve()
+        self.deadline_slack = 0.0  # added to a request's deadline on the loop's clock
         self.loop_thread = 0
         self.shutting_down = False
         self.writer: FrameWriter = None  # type: ignore[assignment]  # set in serve()
@@ -106,6 +111,8 @@ class Server:
         self.tools = ToolBridge(self.writer, cfg.tool_timeout_ms)
         self.respond = Responder(self.writer, self.metrics, cfg.meta)
         self.loop, self.loop_thread = asyncio.get_running_loop(), threading.get_ident()
+        self.loop_name = type(self.loop).__module__.partition(".")[0]
+        self.deadline_slack = UVLOOP_DEADLINE_SLACK if self.loop_name == "uvloop" else 0.0
         self.shared = Shared(self.writer, self.tools, self.sessions, self.threads, anyio.lowlevel.current_token(),
                              self.post, cfg, self.stats)
         # Signals are caught from before ``ready``: a SIGTERM that comes before the watcher
@@ -277,7 +284,8 @@ class Server:
             respond.reject(req.id, ErrorType.OVERLOADED, f"{len(self.inflight)} requests are in flight (--max-inflight)",
                            {"limit": self.config.max_inflight})
             return
-        deadline = anyio.current_time() + req.timeout_ms / 1000 if req.timeout_ms is not None else float("inf")
+        deadline = (anyio.current_time() + req.timeout_ms / 1000 + self.deadline_slack if req.timeout_ms is not None
+                    else float("inf"))
         ctx = Context(req, self.shared, respond.arrived, req.telemetry or self.telemetry_all, entry.needs_dspy,
                       entry.opens_session)
         state = self.inflight[req.id] = Inflight(ctx, deadline)
@@ -317,7 +325,7 @@ class Server:
         writer = self.writer
         return {
             "uptime_s": time.monotonic() - self.started,
-            "loop": type(self.loop).__module__.partition(".")[0],  # uvloop or asyncio (--loop)
+            "loop": self.loop_name,
             "warm": self.warm.is_set(),
             "in_flight": len(self.inflight),
             "tool_calls_parked": self.tools.parked,
