@@ -89,6 +89,21 @@ def test_error_frames_have_meta(w):
     assert call.terminal["type"] == "error" and set(call.terminal["meta"]) == META_KEYS
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_request_never_times_out_before_its_timeout_ms(loop):
+    """Measured from the read that carried it (``meta``), on either loop: uvloop's clock and timers
+    count whole milliseconds, so its deadlines need slack (``Server.deadline_slack``)."""
+    calls = []
+    with spawn("--loop", loop) as worker:
+        for _ in range(150):  # one at a time: each deadline is set at its own point of the loop's clock
+            calls.append(worker.request("sleep", {"seconds": 0.01}, timeout_ms=3))
+            with pytest.raises(RemoteError):
+                calls[-1].result()
+        durations = [call.terminal["meta"]["duration_ms"] for call in calls]
+    assert all(call.terminal["error"]["type"] == "timeout" for call in calls)
+    assert min(durations) >= 3, sorted(durations)[:5]
+
+
 def test_scripted_lm_usage_is_reported(w):
     sid = new_session_id()
     configure, _ = timed(w, "lm.configure", {"model": "scripted/m", "script": [
