@@ -99,6 +99,15 @@ def cooperative(args: dict, ctx) -> dict:
     return {"stopped": False}
 
 
+@handler("test.cooperative_async")
+async def cooperative_async(args: dict, ctx) -> dict:
+    """Runs on the loop until ``ctx.cancelled`` turns true, then returns at once (it does not wait
+    for the request's cancel scope to fire)."""
+    while not ctx.cancelled:
+        await anyio.sleep(0)
+    return {"stopped": True}
+
+
 @handler("test.spawn_child")
 def spawn_child(args: dict, ctx) -> dict:
     """Starts a long-lived child process; the worker must not leave it behind."""

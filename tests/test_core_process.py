@@ -153,6 +153,14 @@ def test_cooperative_handlers_see_ctx_cancelled(worker, tmp_path, how):
     wait_for_text(marker, "noticed")
 
 
+def test_a_handler_that_returns_once_its_deadline_passed_has_timed_out(worker):
+    """``ctx.cancelled`` turns true when ``timeout_ms`` has passed; a handler that returns then,
+    before the loop's timer has cancelled it, still ends with ``timeout``, not its result."""
+    for _ in range(5):
+        with pytest.raises(RemoteError, match="timeout"):
+            worker.call("test.cooperative_async", {}, timeout_ms=20)
+
+
 def test_handler_errors(worker):
     with pytest.raises(RemoteError) as exc:
         worker.call("test.raise", {"message": "kaput"})

@@ -367,9 +367,10 @@ class Server:
             if not self.inflight:
                 self._idle.set()
                 self._idle = anyio.Event()
-        if frame is None or anyio.current_time() >= state.scope.deadline:
+        if frame is None or (ctx.deadline is not None and time.monotonic() >= ctx.deadline):
             # Cancelled, or finished past its deadline: a cooperative handler that saw
-            # ``ctx.cancelled`` may return before the loop's timer fires; that is a timeout.
+            # ``ctx.cancelled`` (the same clock) may return before the loop's timer fires, which
+            # ``deadline_slack`` delays; that is a timeout.
             frame = cancelled(req, state.reason)
         self.respond.finish(ctx, frame)
 
