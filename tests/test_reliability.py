@@ -286,9 +286,8 @@ async def main():
     while children._state(proc.pid) != "Z":
         time.sleep(0.005)  # the loop is blocked: libuv cannot reap it yet
     first = children.reap_adopted()  # the sweep sees an unrecorded zombie for the first time
-    while children._state(proc.pid) == "Z":  # the loop runs: libuv reaps its own child
-        await asyncio.sleep(0.005)
-    print(first, children.reap_adopted(), await proc.wait())
+    status = await proc.wait()  # the loop runs: libuv reaps its own child
+    print(first, children.reap_adopted(), status)
 
 uvloop.run(main())
 """
