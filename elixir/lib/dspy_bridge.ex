@@ -169,7 +169,9 @@ defmodule DSPyBridge do
     end
   end
 
-  # The worker encodes the frame with its codec; a term the codec refuses raises here, in the caller.
+  # The worker registers the request; the caller encodes it with the worker's codec and writes it
+  # to the port itself, so the worker's process only routes. A term the codec refuses raises
+  # here, in the caller, before anything is written.
   defp request(worker, command, args, opts) do
     opts = Keyword.validate!(opts, @options)
     id = System.unique_integer([:positive])
@@ -190,7 +192,7 @@ defmodule DSPyBridge do
       tools: opts[:tools] || %{}
     }
 
-    send_fun = &send_request(&1, {:request, ref, id, frame, req})
+    send_fun = &send_request(&1, ref, id, frame, req)
 
     case DSPyBridge.Pool.lookup(worker) do
       nil -> send_fun.(worker)
@@ -198,15 +200,38 @@ defmodule DSPyBridge do
     end
   end
 
-  defp send_request(worker, {:request, ref, _, _, _} = message) do
-    GenServer.call(worker, message, :infinity)
+  defp send_request(worker, ref, id, frame, req) do
+    GenServer.call(worker, {:request, ref, id, req}, :infinity)
   catch
     :exit, reason -> {:error, Error.worker_exit(exit_reason(reason))}
   else
-    {:ok, pid} -> {:ok, ref, pid}
-    {:raise, exception} -> raise exception
+    {:ok, pid, port, codec} -> write_request(pid, port, codec, ref, frame)
     {:error, error} -> {:error, error}
   end
+
+  defp write_request(pid, port, codec, ref, frame) do
+    iodata =
+      try do
+        codec.pack!(frame)
+      rescue
+        e ->
+          DSPyBridge.Worker.forget(pid, ref)
+          reraise e, __STACKTRACE__
+      end
+
+    write(pid, port, iodata)
+    {:ok, ref, pid}
+  end
+
+  # A port belongs to its node: a worker on another node writes the frame itself.
+  defp write(_pid, port, iodata) when node(port) == node() do
+    Port.command(port, iodata)
+  rescue
+    # the port closed: the worker answers the request with its worker_exit error
+    ArgumentError -> true
+  end
+
+  defp write(pid, _port, iodata), do: GenServer.cast(pid, {:write, iodata})
 
   defp put(map, _key, nil), do: map
   defp put(map, key, value), do: Map.put(map, key, value)

@@ -114,10 +114,14 @@ defmodule DSPyBridge.MsgpackTest do
                DSPyBridge.call(w, "echo", %{b: bytes, f: %Bin{data: "text"}})
     end
 
-    test "a term the codec refuses raises in the caller and nothing is sent", %{w: w} do
+    test "a term the codec refuses raises in the caller, nothing is sent, nothing stays registered",
+         %{w: w} do
       assert_raise ArgumentError, fn -> DSPyBridge.call(w, "echo", %{t: {1, 2}}) end
       {:ok, stats} = DSPyBridge.call(w, "stats", %{})
       assert stats["requests"]["echo"] == nil
+      # the caller registers before it encodes: the refused request is forgotten again
+      assert %{reqs: reqs, refs: refs, mons: mons} = :sys.get_state(w)
+      assert {reqs, refs, mons} == {%{}, %{}, %{}}
     end
   end
 

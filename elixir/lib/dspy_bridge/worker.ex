@@ -109,6 +109,15 @@ defmodule DSPyBridge.Worker do
   @spec info(server) :: map
   def info(worker), do: GenServer.call(worker, :info)
 
+  @doc false
+  # Drops a request registered by a caller that then failed to encode it.
+  @spec forget(pid, reference) :: :ok
+  def forget(worker, ref) do
+    GenServer.call(worker, {:forget, ref}, :infinity)
+  catch
+    :exit, _ -> :ok
+  end
+
   defp start(fun, opts) do
     opts = Keyword.validate!(opts, @start_options)
     gen_opts = Keyword.take(opts, [:name])
@@ -176,21 +185,13 @@ defmodule DSPyBridge.Worker do
   @impl true
   def handle_call(:info, _from, st), do: {:reply, st.info, st}
 
-  def handle_call({:request, _, _, _, _}, _from, %{reqs: reqs, max_in_flight: max} = st)
+  def handle_call({:request, _, _, _}, _from, %{reqs: reqs, max_in_flight: max} = st)
       when map_size(reqs) >= max do
     {:reply, {:error, DSPyBridge.Pool.overloaded(max)}, st}
   end
 
-  def handle_call({:request, ref, id, frame, req}, {caller, _}, st) do
-    case encode(st.codec, frame) do
-      {:ok, iodata} ->
-        Port.command(st.port, iodata)
-        register(st, ref, id, req, caller)
-
-      {:error, exception} ->
-        {:reply, {:raise, exception}, st}
-    end
-  end
+  def handle_call({:request, ref, id, req}, {caller, _}, st),
+    do: register(st, ref, id, req, caller)
 
   def handle_call({:shutdown, timeout}, _from, st) do
     st = send_frame(st, %{"type" => "shutdown"})
@@ -219,6 +220,14 @@ defmodule DSPyBridge.Worker do
     end
   end
 
+  # A request registered but never written (its caller's codec refused it): no cancel to send.
+  def handle_call({:forget, ref}, _from, st) do
+    case st.refs do
+      %{^ref => id} -> {:reply, :ok, finish(st, id)}
+      _ -> {:reply, :ok, st}
+    end
+  end
+
   defp register(st, ref, id, req, caller) do
     mon = Process.monitor(caller)
     timer = req.timeout && Process.send_after(self(), {:backstop, id}, req.timeout + 1000)
@@ -231,10 +240,14 @@ defmodule DSPyBridge.Worker do
         mons: Map.put(st.mons, mon, id)
     }
 
-    {:reply, {:ok, self()}, publish_load(st)}
+    # The caller encodes and writes the request itself (`DSPyBridge`): it gets the port and codec.
+    {:reply, {:ok, self(), st.port, st.codec}, publish_load(st)}
   end
 
   @impl true
+  # A request frame from a caller on another node (`DSPyBridge` writes local ones to the port itself).
+  def handle_cast({:write, iodata}, st), do: {:noreply, write(st, iodata)}
+
   def handle_cast({:cancel, ref}, st),
     do: {:noreply, to_request(st, ref, &%{"type" => "cancel", "id" => &1})}
 
@@ -294,7 +307,8 @@ defmodule DSPyBridge.Worker do
 
   def handle_info({:rpc_timeout, rpc_id}, st), do: {:noreply, drop_rpc(st, rpc_id)}
 
-  def handle_info({task_ref, response}, st) when is_reference(task_ref) do
+  # A tool's task wrote its answer (`spawn_tool`).
+  def handle_info({task_ref, :answered}, st) when is_reference(task_ref) do
     case Map.pop(st.tasks, task_ref) do
       {nil, _} ->
         {:noreply, st}
@@ -303,8 +317,7 @@ defmodule DSPyBridge.Worker do
         Process.demonitor(task_ref, [:flush])
         {%{timer: timer}, rpcs} = Map.pop(st.rpcs, rpc_id)
         cancel_timer(timer)
-        st = %{st | tasks: tasks, rpcs: rpcs}
-        {:noreply, write(st, response)}
+        {:noreply, %{st | tasks: tasks, rpcs: rpcs}}
     end
   end
 
@@ -412,7 +425,7 @@ defmodule DSPyBridge.Worker do
 
     case tools do
       %{^name => fun} ->
-        task = spawn_tool(fun, f, req.caller, st.codec)
+        task = spawn_tool(fun, f, req.caller, st)
 
         timer =
           f["timeout_ms"] && Process.send_after(self(), {:rpc_timeout, rpc_id}, f["timeout_ms"])
@@ -428,12 +441,21 @@ defmodule DSPyBridge.Worker do
     end
   end
 
-  defp spawn_tool(fun, f, caller, codec) do
+  # The task writes its answer to the port itself: the worker's process only keeps the books.
+  defp spawn_tool(fun, f, caller, %{codec: codec, port: port}) do
     Task.Supervisor.async_nolink(DSPyBridge.TaskSupervisor, fn ->
       if caller, do: Process.put(:"$callers", [caller | Process.get(:"$callers", [])])
       outcome = Tools.run(fun, f["args"] || [], f["kwargs"] || %{})
-      Tools.response(f["rpc_id"], outcome, codec)
+      answer(port, Tools.response(f["rpc_id"], outcome, codec))
     end)
+  end
+
+  defp answer(port, iodata) do
+    Port.command(port, iodata)
+    :answered
+  rescue
+    # the port closed: the worker is going down, and no answer can reach Python
+    ArgumentError -> :answered
   end
 
   # The worker gave up on the call (rpc_cancel, or its timeout_ms passed): kill the task.
@@ -490,13 +512,6 @@ defmodule DSPyBridge.Worker do
   # ---- the port ------------------------------------------------------------------
 
   defp send_frame(st, frame), do: write(st, st.codec.pack!(frame))
-
-  # The codec raises what it likes (ArgumentError here, Msgpax.PackError for Msgpax).
-  defp encode(codec, term) do
-    {:ok, codec.pack!(term)}
-  rescue
-    e -> {:error, e}
-  end
 
   defp decode(codec, data) do
     {:ok, codec.unpack!(data)}
