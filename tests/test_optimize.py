@@ -185,6 +185,25 @@ def test_bad_optimizations_are_refused(w, session, args, words):
     assert err.type == "bad_request" and words in err.message
 
 
+def test_an_optimizers_threads_are_bounded_by_max_threads():
+    """``num_threads`` beyond ``--max-threads`` is refused; left out, it is the smaller of DSPy's
+    default and ``--max-threads``, so an optimizer's own pool is bounded either way."""
+    with tempfile.TemporaryFile("w+") as log, spawn("--max-threads", "2", stderr=log) as worker:
+        session = new_session_id()
+        worker.call("lm.configure", {"model": MODEL, "script": SCRIPT}, session_id=session)
+        for threads in (3, 10_000, 0, "8"):
+            err = error_of(worker, session, "dspy.optimize", {
+                "optimizer": "BootstrapFewShotWithRandomSearch", "program": COT, "trainset": ITEMS,
+                "metric": "exact_match", "params": {"num_threads": threads}})
+            assert err.type == "bad_request" and "--max-threads=2" in err.message, threads
+    from bridge.programs.optimize import Plan
+
+    assert Plan.of("BootstrapFewShotWithRandomSearch", {}, 2).init["num_threads"] == 2
+    assert Plan.of("BootstrapFewShotWithRandomSearch", {"num_threads": 1}, 2).init["num_threads"] == 1
+    assert Plan.of("BootstrapFewShotWithRandomSearch", {}, 32).init["num_threads"] == 8  # DSPy's default
+    assert "num_threads" not in Plan.of("BootstrapFewShot", {}, 2).init  # it has no pool of its own
+
+
 def test_cancel_stops_the_optimizer_thread_promptly():
     """The terminal frame is immediate, and the thread stops at its next progress point: it makes no more LM calls."""
     questions = [f"question {i}" for i in range(20)]

@@ -54,7 +54,7 @@ async def optimize(args: dict, ctx: Context) -> dict[str, Any]:
             raise ValueError("optimizers call programs synchronously, and a ReAct program's host tools are async: "
                              "optimize a Predict or ChainOfThought program")
         metric = Metric(args.get("metric"), ctx)
-        plan = Plan.of(args.get("optimizer"), args.get("params"))
+        plan = Plan.of(args.get("optimizer"), args.get("params"), ctx.shared.config.max_threads)
         trainset = check_items(program, args.get("trainset"), "trainset", metric)
         valset = check_items(program, args["valset"], "valset", metric) if args.get("valset") is not None else None
     lanes = concurrency(args)

@@ -254,7 +254,9 @@ class Plan:
     compile: dict[str, Any]
 
     @classmethod
-    def of(cls, name: Any, params: Any) -> "Plan":
+    def of(cls, name: Any, params: Any, max_threads: int) -> "Plan":
+        """The host's ``params`` checked; an optimizer's own thread pool (``num_threads``) is
+        bounded by ``--max-threads``, given or not (DSPy's default is ``settings.num_threads``)."""
         if name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {name!r}; one of {list(OPTIMIZERS)}")
         if name == "MIPROv2" and importlib.util.find_spec("optuna") is None:
@@ -268,6 +270,11 @@ class Plan:
         unknown = set(params) - init - compile_
         if unknown:
             raise ValueError(f"{name} takes no params {sorted(unknown)}; it takes {sorted(init | compile_)}")
+        threads = params.get("num_threads")
+        if threads is not None and (type(threads) is not int or not 1 <= threads <= max_threads):
+            raise ValueError(f"'num_threads' must be an integer from 1 to --max-threads={max_threads}")
+        if "num_threads" in init and threads is None:
+            params = {**params, "num_threads": min(dspy.settings.num_threads or 1, max_threads)}
         return cls(name, {k: v for k, v in params.items() if k in init},
                    {k: v for k, v in params.items() if k not in init})
 
