@@ -42,6 +42,18 @@ def test_options_alone_still_mean_serve():
     assert out.returncode == 0 and [f["type"] for f in frames(out.stdout)] == ["ready", "result"]
 
 
+def test_serve_help_and_errors_are_the_whole_clis():
+    """``serve`` parses with its own parser (start-up); help and errors match the whole CLI's."""
+    from bridge.cli import build_parser, serve_parser
+
+    whole = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert serve_parser().format_help() == whole.format_help()
+    out = run([*CONSOLE_SCRIPT, "serve", "--max-threads", "0"])
+    assert out.returncode == 2 and b"bridge serve: error: argument --max-threads" in out.stderr
+    out = run([*CONSOLE_SCRIPT, "serve", "--help"])
+    assert out.returncode == 0 and out.stdout.startswith(b"usage: bridge serve ") and b"--max-inflight" in out.stdout
+
+
 def test_json_sent_to_serve_gets_an_error_that_says_to_encode_it():
     out = run([*CONSOLE_SCRIPT, "serve"], stdin=b'{"type":"request","id":1,"command":"ping"}\n')
     errors = [f["error"] for f in frames(out.stdout) if f["type"] == "error"]
