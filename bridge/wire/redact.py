@@ -102,6 +102,9 @@ def redact(value: Any, encoded: bytes | None = None, depth: int = 0) -> Any:
     ``MAX_DEPTH`` limit counts from the frame, as when the whole frame is walked.
     """
     values = _text is not None and (encoded is None or _binary.search(encoded) is not None)  # type: ignore[union-attr]
+    if (not values and type(value) is dict and depth < MAX_DEPTH and _clean.issuperset(value)
+            and KEYLESS.issuperset(map(type, value.values()))):
+        return value  # the common reply: ``_redact_map``'s first test, without its two calls
     return _redacted(value, values, depth)
 
 
