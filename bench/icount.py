@@ -28,6 +28,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
 from typing import Any, Awaitable, Callable
 
 import msgpack
@@ -120,6 +122,90 @@ def child(scenario: str, n: int) -> None:
     anyio.run(server.serve, backend_options={"use_uvloop": True})
 
 
+# ---- whole processes, the floor beside the worker ------------------------------------------
+
+# The worker imports DSPy in a thread after ``ready``: its frames are sent once a request that
+# needs DSPy was answered, so that no run counts the import, nor the thread switches beside it.
+WARM = frame({"type": "request", "id": "warm", "command": "lm.configure",
+              "args": {"model": "scripted/w", "script": [{"answer": "-"}]}})
+
+
+def whole_input(scenario: str, n: int) -> bytes:
+    """What the host writes: ``n`` pipelined echo requests, or one ``stream_count`` of ``n`` chunks."""
+    if scenario == "echo":
+        return b"".join(frame({"type": "request", "id": i, "command": "echo", "args": {"x": i}}) for i in range(n))
+    return frame({"type": "request", "id": 1, "command": "stream_count", "args": {"n": n}})
+
+
+def read_frame(stream: Any) -> dict:
+    (size,) = HEADER.unpack(stream.read(4))
+    return msgpack.unpackb(stream.read(size))
+
+
+def answered(output: bytes, scenario: str, n: int) -> bool:
+    """Did the peer answer every request, without an error frame?"""
+    types, pos = [], 0
+    while pos + 4 <= len(output):
+        (size,) = HEADER.unpack_from(output, pos)
+        types.append(msgpack.unpackb(output[pos + 4:pos + 4 + size]).get("type"))
+        pos += 4 + size
+    want = ["result"] * n if scenario == "echo" else ["chunk"] * n + ["result"]
+    return pos == len(output) and types == want
+
+
+def whole_run(argv: list[str], root: str, scenario: str, n: int, warm: bool) -> tuple[int, bool, str]:
+    """Run one whole peer process: ``ready``, with ``warm`` the warm-up request answered, then
+    ``whole_input`` written in one go (a thread) and every answer read to EOF.  Its exit status,
+    whether every request was answered, and its stderr."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, cwd=root, env=dict(os.environ, PYTHONPATH=root, PYTHONHASHSEED="0"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        ok = read_frame(proc.stdout).get("type") == "ready"
+        if warm:
+            proc.stdin.write(WARM)
+            proc.stdin.flush()
+            ok = ok and read_frame(proc.stdout).get("type") == "result"
+        data = whole_input(scenario, n)
+
+        def write() -> None:
+            proc.stdin.write(data)
+            proc.stdin.close()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        ok = answered(proc.stdout.read(), scenario, n) and ok
+        writer.join()
+        code = proc.wait()
+        err.seek(0)
+        return code, ok, err.read()
+
+
+def whole_instructions(argv: list[str], root: str, scenario: str, n: int, warm: bool) -> int:
+    """The instructions valgrind counts for one ``whole_run``."""
+    code, ok, log = whole_run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+                              root, scenario, n, warm)
+    found = re.search(r"Collected : (\d+)", log)
+    if code or found is None or not ok:
+        raise SystemExit(f"{argv} in {root} did not answer every request (exit {code}):\n{log[-2000:]}")
+    return int(found.group(1))
+
+
+def whole(roots: list[str], scenario: str, n: int) -> None:
+    """``--whole``: each build's worker as a whole process (uvloop, reads, writes, start-up cancelled
+    out), beside the floor loop; ``floor / peer`` compares as the rate targets do (>= 0.6)."""
+    floor_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    worker = [sys.executable, "-m", "bridge", "serve", "--diagnostics"]
+    peers = [("floor", [sys.executable, "-m", "bench.floor"], floor_root, False)]
+    peers += [(root, worker, os.path.abspath(root), True) for root in roots]
+    floor = None
+    print(f"{'peer':<30} | instructions per {scenario} item, whole process | floor / peer")
+    for name, argv, root, warm in peers:
+        cost = (whole_instructions(argv, root, scenario, 3 * n, warm)
+                - whole_instructions(argv, root, scenario, n, warm)) / (2 * n)
+        floor = floor or cost
+        print(f"{name:<30} | {cost:>41,.0f} | {floor / cost:.3f}")
+
+
 # ---- the parent ---------------------------------------------------------------------------
 
 def instructions(root: str, scenario: str, n: int) -> int:
@@ -144,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("roots", nargs="*", default=["."], help="checkouts to measure (default: this one)")
     parser.add_argument("--scenario", choices=sorted(DRIVERS), default="echo")
     parser.add_argument("-n", type=int, default=0, help="items in the smaller run (default: per scenario)")
+    parser.add_argument("--whole", action="store_true",
+                        help="echo or stream: whole worker processes reading a file, beside the floor loop")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "N"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
@@ -151,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found on PATH (Debian: apt-get install valgrind)")
+    if opts.whole:
+        if opts.scenario not in ("echo", "stream"):
+            raise SystemExit("--whole measures echo or stream (a host call needs a live host)")
+        whole(opts.roots, opts.scenario, opts.n or 20000)
+        return 0
     n = opts.n or {"echo": 32 * ECHO_PER_READ * 16, "echo1": 10000, "tool": 2000, "stream": 20000}[opts.scenario]
     baseline = None
     print(f"{'build':<30} | instructions per {opts.scenario} item | ratio")

@@ -36,3 +36,17 @@ def test_a_driver_whose_requests_fail_exits_non_zero(tmp_path):
     done = run_child("tool", 640, str(broken))
     assert done.returncode != 0
     assert "the tool driver's requests failed" in done.stderr
+
+
+@pytest.mark.parametrize("scenario", ["echo", "stream"])
+def test_whole_runs_answer_every_request_from_the_floor_and_the_worker(scenario):
+    """``--whole``'s run, without valgrind: both peers answer all of it; a worker that cannot
+    (no ``--diagnostics``: ``stream_count`` is unknown) is caught."""
+    from bench.icount import whole_run
+
+    floor = whole_run([sys.executable, "-m", "bench.floor"], str(ROOT), scenario, 500, warm=False)
+    worker = whole_run([sys.executable, "-m", "bridge", "serve", "--diagnostics"], str(ROOT), scenario, 500, warm=True)
+    assert floor[:2] == (0, True) and worker[:2] == (0, True), (floor[2][-2000:], worker[2][-2000:])
+    if scenario == "stream":
+        lacking = whole_run([sys.executable, "-m", "bridge", "serve"], str(ROOT), scenario, 500, warm=True)
+        assert lacking[1] is False
