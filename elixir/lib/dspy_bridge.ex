@@ -200,38 +200,43 @@ defmodule DSPyBridge do
     end
   end
 
+  # A local worker's caller encodes and writes its own frame. Frames never cross nodes: a
+  # worker on another node gets the request as a term, encodes it and writes it itself.
   defp send_request(worker, ref, id, frame, req) do
-    GenServer.call(worker, {:request, ref, id, req}, :infinity)
+    if local?(worker),
+      do: GenServer.call(worker, {:request, ref, id, req}, :infinity),
+      else: GenServer.call(worker, {:request, ref, id, req, frame}, :infinity)
   catch
     :exit, reason -> {:error, Error.worker_exit(exit_reason(reason))}
   else
     {:ok, pid, port, codec} -> write_request(pid, port, codec, ref, frame)
+    {:ok, pid} -> {:ok, ref, pid}
+    {:raise, exception} -> raise exception
     {:error, error} -> {:error, error}
   end
 
+  defp local?(worker) do
+    case GenServer.whereis(worker) do
+      pid when is_pid(pid) -> node(pid) == node()
+      _ -> false
+    end
+  end
+
+  # Whatever the codec raises, throws or exits with, and an open port's refusal of what the
+  # codec returned, leave nothing registered and reach the caller as they were.
   defp write_request(pid, port, codec, ref, frame) do
-    iodata =
-      try do
-        codec.pack!(frame)
-      rescue
-        e ->
-          DSPyBridge.Worker.forget(pid, ref)
-          reraise e, __STACKTRACE__
-      end
-
-    write(pid, port, iodata)
+    Port.command(port, codec.pack!(frame))
     {:ok, ref, pid}
+  catch
+    kind, reason ->
+      if kind == :error and reason == :badarg and Port.info(port) == nil do
+        # the port closed: the worker answers the request with its worker_exit error
+        {:ok, ref, pid}
+      else
+        DSPyBridge.Worker.forget(pid, ref)
+        :erlang.raise(kind, reason, __STACKTRACE__)
+      end
   end
-
-  # A port belongs to its node: a worker on another node writes the frame itself.
-  defp write(_pid, port, iodata) when node(port) == node() do
-    Port.command(port, iodata)
-  rescue
-    # the port closed: the worker answers the request with its worker_exit error
-    ArgumentError -> true
-  end
-
-  defp write(pid, _port, iodata), do: GenServer.cast(pid, {:write, iodata})
 
   defp put(map, _key, nil), do: map
   defp put(map, key, value), do: Map.put(map, key, value)

@@ -89,6 +89,16 @@ defmodule DSPyBridge.WorkerTest do
       assert CountingCodec.get(:pack) - packs >= 1 and CountingCodec.get(:unpack) - unpacks >= 2
     end
 
+    test "a codec that fails in the caller leaves nothing registered, and the worker serves on" do
+      w = start_worker!(codec: DSPyBridge.FaultyCodec)
+      # what the codec returned, refused by the open port: the caller's error, not a hang
+      assert_raise ArgumentError, fn -> DSPyBridge.call(w, "echo", %{"fault" => "iodata"}) end
+      assert catch_throw(DSPyBridge.call(w, "echo", %{"fault" => "throw"})) == :faulty_codec
+      assert %{reqs: reqs, refs: refs, mons: mons} = :sys.get_state(w)
+      assert {reqs, refs, mons} == {%{}, %{}, %{}}
+      assert {:ok, %{"a" => 1}} = DSPyBridge.call(w, "echo", %{a: 1})
+    end
+
     test "env: reaches the worker; on_start runs with the worker before start_link returns" do
       me = self()
       on_start = fn w -> send(me, {:on_start, w, DSPyBridge.call(w, "ping", %{})}) end

@@ -185,13 +185,25 @@ defmodule DSPyBridge.Worker do
   @impl true
   def handle_call(:info, _from, st), do: {:reply, st.info, st}
 
-  def handle_call({:request, _, _, _}, _from, %{reqs: reqs, max_in_flight: max} = st)
-      when map_size(reqs) >= max do
+  def handle_call(request, _from, %{reqs: reqs, max_in_flight: max} = st)
+      when elem(request, 0) == :request and map_size(reqs) >= max do
     {:reply, {:error, DSPyBridge.Pool.overloaded(max)}, st}
   end
 
-  def handle_call({:request, ref, id, req}, {caller, _}, st),
-    do: register(st, ref, id, req, caller)
+  # A local caller encodes and writes its request itself: it gets the port and the codec.
+  def handle_call({:request, ref, id, req}, {caller, _}, st) do
+    st = register(st, ref, id, req, caller)
+    {:reply, {:ok, self(), st.port, st.codec}, st}
+  end
+
+  # A caller on another node: frames never cross nodes, so the request is encoded and written here.
+  def handle_call({:request, ref, id, req, frame}, {caller, _}, st) do
+    {:ok, write(st, st.codec.pack!(frame))}
+  rescue
+    e -> {:reply, {:raise, e}, st}
+  else
+    {:ok, st} -> {:reply, {:ok, self()}, register(st, ref, id, req, caller)}
+  end
 
   def handle_call({:shutdown, timeout}, _from, st) do
     st = send_frame(st, %{"type" => "shutdown"})
@@ -240,14 +252,10 @@ defmodule DSPyBridge.Worker do
         mons: Map.put(st.mons, mon, id)
     }
 
-    # The caller encodes and writes the request itself (`DSPyBridge`): it gets the port and codec.
-    {:reply, {:ok, self(), st.port, st.codec}, publish_load(st)}
+    publish_load(st)
   end
 
   @impl true
-  # A request frame from a caller on another node (`DSPyBridge` writes local ones to the port itself).
-  def handle_cast({:write, iodata}, st), do: {:noreply, write(st, iodata)}
-
   def handle_cast({:cancel, ref}, st),
     do: {:noreply, to_request(st, ref, &%{"type" => "cancel", "id" => &1})}
 
