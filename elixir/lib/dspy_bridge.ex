@@ -225,7 +225,10 @@ defmodule DSPyBridge do
   # Whatever the codec raises, throws or exits with, and an open port's refusal of what the
   # codec returned, leave nothing registered and reach the caller as they were.
   defp write_request(pid, port, codec, ref, frame) do
-    Port.command(port, codec.pack!(frame))
+    iodata = codec.pack!(frame)
+    # what no port takes raises ArgumentError here, not a badarg (and a VM error log) in the port
+    _ = IO.iodata_length(iodata)
+    Port.command(port, iodata)
     {:ok, ref, pid}
   catch
     kind, reason ->

@@ -91,7 +91,7 @@ defmodule DSPyBridge.WorkerTest do
 
     test "a codec that fails in the caller leaves nothing registered, and the worker serves on" do
       w = start_worker!(codec: DSPyBridge.FaultyCodec)
-      # what the codec returned, refused by the open port: the caller's error, not a hang
+      # what the codec returned is no iodata: the caller's error, not a hang
       assert_raise ArgumentError, fn -> DSPyBridge.call(w, "echo", %{"fault" => "iodata"}) end
       assert catch_throw(DSPyBridge.call(w, "echo", %{"fault" => "throw"})) == :faulty_codec
       assert %{reqs: reqs, refs: refs, mons: mons} = :sys.get_state(w)
