@@ -86,5 +86,9 @@ def library_peer(worker: list[str], root: str = ROOT) -> Driver:
         raise SystemExit("mix not found on PATH: the DSPyBridge.Worker row needs Elixir (apt-get install elixir)")
     python, serve = worker[0], worker[1:]
     assert serve[:3] == ["-m", "bridge", "serve"], worker
-    return Driver(["mix", "run", "bench/worker_driver.exs", python, *serve[3:]], root=root,
-                  cwd=os.path.join(root, "elixir"))
+    elixir = os.path.join(root, "elixir")
+    # compiled first: `mix run` would print what it compiles where the driver's answers go
+    built = subprocess.run(["mix", "compile"], cwd=elixir, capture_output=True, text=True)
+    if built.returncode:
+        raise SystemExit(f"mix compile failed in {elixir}:\n{built.stdout[-2000:]}{built.stderr[-2000:]}")
+    return Driver(["mix", "run", "bench/worker_driver.exs", python, *serve[3:]], root=root, cwd=elixir)
