@@ -112,6 +112,27 @@ defmodule DSPyBridge.RequestsTest do
       await_stats(w, &(&1["in_flight"] == 0 and &1["errors"]["cancelled"] == 1))
     end
 
+    test "callers killed at any point of a request leave nothing registered and nothing running",
+         %{w: w} do
+      # Killed after 0 to 30 yields: before registering, between registering and writing the
+      # request (the caller writes it), or while its stream runs.
+      for i <- 1..200 do
+        pid = spawn(fn -> DSPyBridge.call(w, "stream_count", %{n: 100_000}, timeout: 60_000) end)
+        for _ <- 1..rem(i * 7, 31)//1, do: :erlang.yield()
+        Process.exit(pid, :kill)
+      end
+
+      eventually(fn ->
+        match?(
+          %{reqs: r, refs: f, mons: m} when r == %{} and f == %{} and m == %{},
+          :sys.get_state(w)
+        )
+      end)
+
+      await_stats(w, &(&1["in_flight"] == 0))
+      assert {:ok, %{"pong" => true}} = DSPyBridge.call(w, "ping", %{})
+    end
+
     test "timeout: gives exactly one timeout error", %{w: w} do
       assert {:error, %Error{type: "timeout"}} =
                DSPyBridge.call(w, "sleep", %{seconds: 5}, timeout: 100)
