@@ -134,6 +134,8 @@ defmodule DSPyBridge.Msgpack do
   defp dec(<<0xD3, i::signed-64, r::binary>>), do: {i, r}
   defp dec(<<0xCA, f::binary-4, r::binary>>), do: {float32(f), r}
   defp dec(<<0xCB, f::binary-8, r::binary>>), do: {float64(f), r}
+  # a whole fixstr in one match (most strings); a truncated one falls to `bytes/2`'s MatchError
+  defp dec(<<0b101::3, n::5, s::binary-size(n), r::binary>>), do: {s, r}
   defp dec(<<s, r::binary>>) when s in 0xA0..0xBF, do: bytes(s - 0xA0, r)
   defp dec(<<c, n, r::binary>>) when c in [0xC4, 0xD9], do: bytes(n, r)
   defp dec(<<c, n::16, r::binary>>) when c in [0xC5, 0xDA], do: bytes(n, r)
@@ -163,6 +165,12 @@ defmodule DSPyBridge.Msgpack do
   end
 
   defp map(0, r, acc), do: {:maps.from_list(acc), r}
+
+  # a fixstr key (every key the worker sends) without a call to `dec/1`
+  defp map(n, <<0b101::3, len::5, k::binary-size(len), r::binary>>, acc) do
+    {v, r} = dec(r)
+    map(n - 1, r, [{k, v} | acc])
+  end
 
   defp map(n, r, acc) do
     {k, r} = dec(r)
