@@ -169,9 +169,10 @@ defmodule DSPyBridge do
     end
   end
 
-  # The worker registers the request; the caller encodes it with the worker's codec and writes it
-  # to the port itself, so the worker's process only routes. A term the codec refuses raises
-  # here, in the caller, before anything is written.
+  # The worker registers the request and routes its answers; a caller on the worker's node
+  # encodes the request with the worker's codec and writes it to the port itself
+  # (`send_request/5`). A term the codec refuses raises here, in the caller, before anything
+  # is written.
   defp request(worker, command, args, opts) do
     opts = Keyword.validate!(opts, @options)
     id = System.unique_integer([:positive])

@@ -458,12 +458,15 @@ defmodule DSPyBridge.Worker do
     end)
   end
 
+  # A closed port: the worker is going down, and no answer can reach Python. Anything else
+  # (a codec's result no port takes) fails the task, and `task_down/3` answers for it.
   defp answer(port, iodata) do
     Port.command(port, iodata)
     :answered
-  rescue
-    # the port closed: the worker is going down, and no answer can reach Python
-    ArgumentError -> :answered
+  catch
+    :error, :badarg ->
+      if Port.info(port) != nil, do: :erlang.error(:badarg, [port, iodata])
+      :answered
   end
 
   # The worker gave up on the call (rpc_cancel, or its timeout_ms passed): kill the task.
