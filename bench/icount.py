@@ -17,6 +17,15 @@ frames) is in the figure too, the same for every build.
 Each positional argument is a checkout whose ``bridge`` package is measured (``git
 worktree add --detach /tmp/before HEAD~1``).  Needs ``valgrind`` (Debian: ``apt-get
 install valgrind``).
+
+``--whole`` (echo or stream) counts whole processes instead, the floor loop beside each
+build's worker, fed through their stdin pipe: the worker's reads, writes and event loop are
+in the figure, and ``floor / peer`` compares as the rate targets do.  Kernel time is not
+counted (the floor writes once per frame, the worker once per ~14).  Two runs at the same N
+agree within 0.3%; another N moves the worker's figure by up to 3% (20,000 against 10,000
+echoes), so builds are compared at one N.
+
+    python -m bench.icount --whole --scenario echo /tmp/before .
 """
 
 from __future__ import annotations
