@@ -77,7 +77,7 @@ defmodule DSPyBridge.Msgpack do
     do: [header(length(list), 0x90, 0xDC, 0xDD) | Enum.map(list, &enc/1)]
 
   defp enc(map) when is_map(map) and not is_struct(map) do
-    [header(map_size(map), 0x80, 0xDE, 0xDF) | Enum.map(map, fn {k, v} -> [enc(k), enc(v)] end)]
+    [header(map_size(map), 0x80, 0xDE, 0xDF) | :maps.fold(&[enc(&1), enc(&2) | &3], [], map)]
   end
 
   defp enc(other), do: raise(ArgumentError, "msgpack cannot encode #{inspect(other)}")
