@@ -4,6 +4,7 @@ sessions, orphans, strict arguments, throttled logs, expression limits."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -277,12 +278,15 @@ def test_reaping_never_takes_the_exit_status_of_a_child_user_code_waits_for(w):
 
 
 UV_SUBPROCESS = """
-import asyncio, time, uvloop
+import asyncio, os, signal, time, uvloop
 from bridge.worker import children
 
 async def main():
     children.track_spawns()
-    proc = await asyncio.create_subprocess_exec("sh", "-c", "exit 3")  # libuv's spawn: not recorded
+    proc = await asyncio.create_subprocess_exec("sleep", "60")  # libuv's spawn: not recorded
+    # Ended only now, with the loop blocked from here on: libuv cannot reap it before the sweep
+    # (a child that exits by itself may be reaped during the spawn's own awaits, and never seen).
+    os.kill(proc.pid, signal.SIGTERM)
     while children._state(proc.pid) != "Z":
         time.sleep(0.005)  # the loop is blocked: libuv cannot reap it yet
     first = children.reap_adopted()  # the sweep sees an unrecorded zombie for the first time
@@ -304,7 +308,7 @@ def test_the_sweep_leaves_a_child_of_uvloop_to_its_own_wait():
     out = subprocess.run([sys.executable, "-c", UV_SUBPROCESS], capture_output=True, text=True, timeout=30,
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["[]", "[]", "3"]
+    assert out.stdout.split() == ["[]", "[]", str(-signal.SIGTERM)]
 
 
 # ---- throttled logs ----------------------------------------------------------------------------------
