@@ -122,12 +122,7 @@ defmodule DSPyBridge.RequestsTest do
         Process.exit(pid, :kill)
       end
 
-      eventually(fn ->
-        match?(
-          %{reqs: r, refs: f, mons: m} when r == %{} and f == %{} and m == %{},
-          :sys.get_state(w)
-        )
-      end)
+      eventually(fn -> nothing_registered?(w) end)
 
       await_stats(w, &(&1["in_flight"] == 0))
       assert {:ok, %{"pong" => true}} = DSPyBridge.call(w, "ping", %{})

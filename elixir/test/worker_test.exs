@@ -94,8 +94,7 @@ defmodule DSPyBridge.WorkerTest do
       # what the codec returned is no iodata: the caller's error, not a hang
       assert_raise ArgumentError, fn -> DSPyBridge.call(w, "echo", %{"fault" => "iodata"}) end
       assert catch_throw(DSPyBridge.call(w, "echo", %{"fault" => "throw"})) == :faulty_codec
-      assert %{reqs: reqs, refs: refs, mons: mons} = :sys.get_state(w)
-      assert {reqs, refs, mons} == {%{}, %{}, %{}}
+      assert nothing_registered?(w)
       assert {:ok, %{"a" => 1}} = DSPyBridge.call(w, "echo", %{a: 1})
     end
 

@@ -198,11 +198,13 @@ defmodule DSPyBridge.Worker do
 
   # A caller on another node: frames never cross nodes, so the request is encoded and written here.
   def handle_call({:request, ref, id, req, frame}, {caller, _}, st) do
-    {:ok, write(st, st.codec.pack!(frame))}
-  rescue
-    e -> {:reply, {:raise, e}, st}
-  else
-    {:ok, st} -> {:reply, {:ok, self()}, register(st, ref, id, req, caller)}
+    case encode(st.codec, frame) do
+      {:ok, iodata} ->
+        {:reply, {:ok, self()}, st |> write(iodata) |> register(ref, id, req, caller)}
+
+      {:error, exception} ->
+        {:reply, {:raise, exception}, st}
+    end
   end
 
   def handle_call({:shutdown, timeout}, _from, st) do
@@ -523,6 +525,13 @@ defmodule DSPyBridge.Worker do
   # ---- the port ------------------------------------------------------------------
 
   defp send_frame(st, frame), do: write(st, st.codec.pack!(frame))
+
+  # The codec raises what it likes (ArgumentError here, Msgpax.PackError for Msgpax).
+  defp encode(codec, term) do
+    {:ok, codec.pack!(term)}
+  rescue
+    e -> {:error, e}
+  end
 
   defp decode(codec, data) do
     {:ok, codec.unpack!(data)}

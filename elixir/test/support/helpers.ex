@@ -9,6 +9,12 @@ defmodule DSPyBridge.TestHelpers do
     start_supervised!({DSPyBridge.Worker, opts}, id: {:worker, id})
   end
 
+  @doc "No request is registered in the `DSPyBridge.Worker` process `w` (ids, refs, monitors)."
+  def nothing_registered?(w) do
+    %{reqs: reqs, refs: refs, mons: mons} = :sys.get_state(w)
+    {reqs, refs, mons} == {%{}, %{}, %{}}
+  end
+
   @doc "Polls the worker's `stats` until `check` holds for them (bounded by `eventually/3`)."
   def await_stats(w, check) do
     eventually(fn ->
