@@ -131,6 +131,22 @@ def child(scenario: str, n: int) -> None:
     anyio.run(server.serve, backend_options={"use_uvloop": True})
 
 
+# ---- counting -----------------------------------------------------------------------------
+
+VALGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+
+
+def collected(stderr: str) -> int | None:
+    """The instruction total valgrind reports at exit."""
+    found = re.search(r"Collected : (\d+)", stderr)
+    return None if found is None else int(found.group(1))
+
+
+def difference(count: Callable[[int], int], n: int) -> float:
+    """One item's instructions: runs of ``n`` and ``3n`` items, so that start-up cancels out."""
+    return (count(3 * n) - count(n)) / (2 * n)
+
+
 # ---- whole processes, the floor beside the worker ------------------------------------------
 
 # The worker imports DSPy in a thread after ``ready``: its frames are sent once a request that
@@ -152,14 +168,13 @@ def read_frame(stream: Any) -> dict:
 
 
 def answered(output: bytes, scenario: str, n: int) -> bool:
-    """Did the peer answer every request, without an error frame?"""
-    types, pos = [], 0
-    while pos + 4 <= len(output):
-        (size,) = HEADER.unpack_from(output, pos)
-        types.append(msgpack.unpackb(output[pos + 4:pos + 4 + size]).get("type"))
-        pos += 4 + size
-    want = ["result"] * n if scenario == "echo" else ["chunk"] * n + ["result"]
-    return pos == len(output) and types == want
+    """Did the peer answer every request, without an error frame (nor a bad or cut-off one)?"""
+    from bridge.wire import framing
+
+    decoder = framing.Decoder()
+    events = decoder.feed(output) + decoder.close()
+    types = [event.body.get("type") if isinstance(event, framing.Frame) else event for event in events]
+    return types == (["result"] * n if scenario == "echo" else ["chunk"] * n + ["result"])
 
 
 def whole_run(argv: list[str], root: str, scenario: str, n: int, warm: bool) -> tuple[int, bool, str]:
@@ -191,12 +206,11 @@ def whole_run(argv: list[str], root: str, scenario: str, n: int, warm: bool) -> 
 
 def whole_instructions(argv: list[str], root: str, scenario: str, n: int, warm: bool) -> int:
     """The instructions valgrind counts for one ``whole_run``."""
-    code, ok, log = whole_run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
-                              root, scenario, n, warm)
-    found = re.search(r"Collected : (\d+)", log)
+    code, ok, log = whole_run([*VALGRIND, *argv], root, scenario, n, warm)
+    found = collected(log)
     if code or found is None or not ok:
         raise SystemExit(f"{argv} in {root} did not answer every request (exit {code}):\n{log[-2000:]}")
-    return int(found.group(1))
+    return found
 
 
 def whole(roots: list[str], scenario: str, n: int) -> None:
@@ -209,8 +223,7 @@ def whole(roots: list[str], scenario: str, n: int) -> None:
     floor = None
     print(f"{'peer':<30} | instructions per {scenario} item, whole process | floor / peer")
     for name, argv, root, warm in peers:
-        cost = (whole_instructions(argv, root, scenario, 3 * n, warm)
-                - whole_instructions(argv, root, scenario, n, warm)) / (2 * n)
+        cost = difference(lambda items: whole_instructions(argv, root, scenario, items, warm), n)
         floor = floor or cost
         print(f"{name:<30} | {cost:>41,.0f} | {floor / cost:.3f}")
 
@@ -220,17 +233,16 @@ def whole(roots: list[str], scenario: str, n: int) -> None:
 def instructions(root: str, scenario: str, n: int) -> int:
     """The instructions valgrind counts for one run of ``scenario`` with ``n`` items."""
     env = dict(os.environ, PYTHONPATH=root, PYTHONHASHSEED="0")
-    run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                          sys.executable, os.path.abspath(__file__), "--child", scenario, str(n)],
+    run = subprocess.run([*VALGRIND, sys.executable, os.path.abspath(__file__), "--child", scenario, str(n)],
                          cwd=root, env=env, capture_output=True, text=True)
-    found = re.search(r"Collected : (\d+)", run.stderr)
+    found = collected(run.stderr)
     if run.returncode or found is None:
         raise SystemExit(f"the {scenario} run in {root} failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
-    return int(found.group(1))
+    return found
 
 
 def per_item(root: str, scenario: str, n: int) -> float:
-    return (instructions(root, scenario, 3 * n) - instructions(root, scenario, n)) / (2 * n)
+    return difference(lambda items: instructions(root, scenario, items), n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=sorted(DRIVERS), default="echo")
     parser.add_argument("-n", type=int, default=0, help="items in the smaller run (default: per scenario)")
     parser.add_argument("--whole", action="store_true",
-                        help="echo or stream: whole worker processes reading a file, beside the floor loop")
+                        help="echo or stream: whole worker processes fed through a pipe, beside the floor loop")
     parser.add_argument("--child", nargs=2, metavar=("SCENARIO", "N"), help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.child:
