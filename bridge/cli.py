@@ -86,6 +86,7 @@ def cmd_serve(opts: argparse.Namespace) -> int:
     else:
         in_fd, out_fd = 0, stdio.claim_stdout()
     stdio.setup_logging(opts.log_level)
+    stdio.report_fatal_signals()
     if os.isatty(in_fd):
         print(TTY_NOTE, file=sys.stderr)
     if opts.handlers and "" not in sys.path and os.getcwd() not in sys.path:

@@ -45,6 +45,14 @@ def crash(args: dict, ctx) -> None:
     os._exit(args.get("code", 3))
 
 
+@handler("test.segfault")
+def segfault(args: dict, ctx) -> None:
+    """A native library's crash: a read from address 0."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
 @handler("test.unserializable")
 async def unserializable(args: dict, ctx) -> object:
     return object()

@@ -358,6 +358,20 @@ def test_sigterm_is_a_shutdown(worker):
     assert worker.wait(5) == 0
 
 
+def test_a_native_crash_leaves_every_threads_stack_and_the_host_reports_it(tmp_path):
+    """faulthandler writes the stacks to stderr; the host's error gives the status and that stderr."""
+    with open(tmp_path / "stderr", "w+") as log, spawn(stderr=log) as w:
+        slow = w.request("sleep", {"seconds": 30})
+        with pytest.raises(ConnectionError) as info:
+            w.call("test.segfault")
+        report = str(info.value)
+        assert "exit status -11" in report and "Fatal Python error: Segmentation fault" in report, report
+        assert "in segfault" in report, report  # the crashing handler's frame
+        for failing in (slow.result, lambda: w.call("ping")):
+            with pytest.raises(ConnectionError, match="exit status -11"):
+                failing()
+
+
 def test_port_close_exits_within_200ms_while_a_thread_is_blocked():
     """Both pipes closed, as Erlang's port_close does: no drain, exit at once."""
     proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--diagnostics"], cwd=ROOT,

@@ -51,7 +51,7 @@ class Call:
         except queue.Empty:
             raise TimeoutError(f"no frame for request {self.id!r} within {timeout} s") from None
         if frame.get("type") == "closed":
-            raise ConnectionError(f"worker exited before request {self.id!r} finished")
+            raise ConnectionError(f"worker exited before request {self.id!r} finished: {self.worker.exit_report()}")
         self.frames.append(frame)
         self.arrivals.append(arrival)
         return frame
@@ -91,6 +91,7 @@ class Worker:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                      env=env, bufsize=0)
         self.tools = tools
+        self._stderr = stderr
         self.unrouted: queue.SimpleQueue[dict] = queue.SimpleQueue()  # id-less errors, unknown ids
         self.rpc_requests: queue.SimpleQueue[dict] = queue.SimpleQueue()  # when tools is None
         self.rpc_cancels: queue.SimpleQueue[dict] = queue.SimpleQueue()
@@ -120,7 +121,10 @@ class Worker:
     def send_raw(self, data: bytes) -> None:
         with self._send_lock:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(data)
+            try:
+                self.proc.stdin.write(data)
+            except BrokenPipeError as exc:
+                raise ConnectionError(f"worker exited: {self.exit_report()}") from exc
 
     def request(self, command: str, args: dict | None = None, *, id: Any = None, **fields: Any) -> Call:
         """Send a request; extra fields (``session_id``, ``timeout_ms``, ``window``…) go in the frame."""
@@ -189,6 +193,18 @@ class Worker:
                 pass  # the worker is gone
 
     # ---- lifecycle ---------------------------------------------------------------
+
+    def exit_report(self, tail: int = 16_000) -> str:
+        """Why the worker is gone: its exit status and, when its stderr went to a file, how that ends."""
+        try:
+            report = f"exit status {self.proc.wait(5)}"
+        except subprocess.TimeoutExpired:
+            report = "its stdout closed but it is still running"
+        if hasattr(self._stderr, "fileno"):
+            fd = self._stderr.fileno()
+            size = os.fstat(fd).st_size
+            report += f"; its stderr ends:\n{os.pread(fd, tail, max(0, size - tail)).decode(errors='replace')}"
+        return report
 
     def close_input(self) -> None:
         assert self.proc.stdin is not None

@@ -53,6 +53,14 @@ def setup_logging(level: str) -> None:
                         format=f"bridge[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
 
 
+def report_fatal_signals() -> None:
+    """On SIGSEGV, SIGABRT, SIGBUS, SIGFPE or SIGILL (a native library's crash), write every
+    thread's Python stack to stderr before dying: file, line and function names, no values."""
+    import faulthandler
+
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+
+
 def hard_exit(code: int) -> None:
     """Exit now, without joining abandoned handler threads (they may be blocked forever)."""
     children.kill_descendants()
