@@ -18,7 +18,7 @@ from typing import Any, Callable
 from . import ab
 from . import scenarios as s
 from .harness import BRIDGE, FLOOR, ROOT, Peer, alternate
-from .port import INPROC, Driver, library_peer, port_peer
+from .port import INPROC, Driver, library_peer, pinned_peer, placements, port_peer
 
 Row = tuple[str, float | None, float | None, str, str]
 
@@ -59,6 +59,12 @@ def port_rows(reps: int, scale: float) -> list[Row]:
     out.append(("echo, 1 in flight (round trips/s)", 1e6 / seq, 1e6 / seq_floor, f"{seq_floor / seq:.2f}", ""))
     out.append(("echo latency, 1 in flight (µs, median)", seq, seq_floor, f"{seq / seq_floor:.2f}",
                 f"<= 1.5x floor: {verdict(seq / seq_floor, 1.5, False)}"))
+    for where, (vm_cpu, peer_cpu) in placements().items():
+        held, held_floor = measure(lambda p: p.value("echo_seq", n(3000)), reps,
+                                   spawn=lambda argv: pinned_peer(argv, vm_cpu, peer_cpu))
+        assert held_floor is not None
+        out.append((f"  the same, VM and peer held on {where} (µs, median)", held, held_floor,
+                    f"{held / held_floor:.2f}", ""))
     rate_row("echo, 100 in flight", "echo_pipe", (n(60_000), 100), 0.6)
     out.append(_through_the_library(reps, n(60_000)))
     rate_row("stream, int chunks", "stream", (n(200_000), 0), 0.6)

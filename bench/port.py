@@ -78,6 +78,21 @@ def port_peer(worker: list[str], warm: bool = True, root: str = ROOT) -> Driver:
     return Driver([escript(), DRIVER, "drive", *worker], warm, root)
 
 
+def placements() -> dict[str, tuple[int, int]]:
+    """``(VM's CPU, peer's CPU)`` for the placement-held latency rows: none without ``taskset`` or
+    a second CPU.  Unheld, each run draws a placement, and the two cost different wake-ups."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if shutil.which("taskset") is None or len(cpus) < 2:
+        return {}
+    return {"one CPU": (cpus[0], cpus[0]), "two CPUs": (cpus[0], cpus[1])}
+
+
+def pinned_peer(worker: list[str], vm_cpu: int, peer_cpu: int) -> Driver:
+    """``port_peer`` with the VM held to ``vm_cpu`` and the peer it starts to ``peer_cpu``."""
+    taskset = shutil.which("taskset")
+    assert taskset is not None, "placements() offers no placement without taskset"
+    return Driver([taskset, "-c", str(vm_cpu), escript(), DRIVER, "drive", taskset, "-c", str(peer_cpu), *worker])
+
 
 def library_peer(worker: list[str], root: str = ROOT) -> Driver:
     """``worker`` (``PYTHON -m bridge serve ARG...``) started by the Elixir library's ``DSPyBridge.Worker``

@@ -18,7 +18,7 @@ import sys
 import msgpack
 import pytest
 
-from bench.port import DRIVER, port_peer
+from bench.port import DRIVER, pinned_peer, placements, port_peer
 
 from .conftest import ROOT
 from .test_erlang_port import escript  # noqa: F401  (the fixture: skip, or fail under CI, without Erlang)
@@ -93,3 +93,16 @@ def test_dspy_scenarios_on_the_worker(escript):  # noqa: F811
     finally:
         peer.close()
     assert peer.proc.returncode == 0
+
+
+def test_a_pinned_peer_holds_the_vm_and_the_peer_to_their_cpus(escript):  # noqa: F811
+    if "two CPUs" not in placements():
+        pytest.skip("needs taskset and two CPUs")
+    vm_cpu, peer_cpu = placements()["two CPUs"]
+    peer = pinned_peer([sys.executable, "-m", "bench.floor"], vm_cpu, peer_cpu)
+    try:
+        assert os.sched_getaffinity(peer.proc.pid) == {vm_cpu}  # taskset execs the VM in its place
+        assert os.sched_getaffinity(peer.pid) == {peer_cpu} and peer.pid != peer.proc.pid
+        assert peer.value("echo_seq", 20) > 0
+    finally:
+        peer.close()
