@@ -13,6 +13,7 @@ import compileall
 import os
 import statistics
 import sys
+from functools import partial
 from typing import Any, Callable
 
 from . import ab
@@ -61,7 +62,7 @@ def port_rows(reps: int, scale: float) -> list[Row]:
                 f"<= 1.5x floor: {verdict(seq / seq_floor, 1.5, False)}"))
     for where, (vm_cpu, peer_cpu) in placements().items():
         held, held_floor = measure(lambda p: p.value("echo_seq", n(3000)), reps,
-                                   spawn=lambda argv: pinned_peer(argv, vm_cpu, peer_cpu))
+                                   spawn=partial(pinned_peer, vm_cpu=vm_cpu, peer_cpu=peer_cpu))
         assert held_floor is not None
         out.append((f"  the same, VM and peer held on {where} (µs, median)", held, held_floor,
                     f"{held / held_floor:.2f}", ""))

@@ -372,6 +372,13 @@ def test_a_native_crash_leaves_every_threads_stack_and_the_host_reports_it(tmp_p
                 failing()
 
 
+def test_a_stderr_that_cannot_be_read_back_still_gives_the_exit_status(tmp_path):
+    with open(tmp_path / "stderr", "w") as write_only, spawn(stderr=write_only) as w:
+        w.proc.send_signal(signal.SIGKILL)
+        with pytest.raises(ConnectionError, match="exit status -9"):
+            w.call("ping")
+
+
 def test_port_close_exits_within_200ms_while_a_thread_is_blocked():
     """Both pipes closed, as Erlang's port_close does: no drain, exit at once."""
     proc = subprocess.Popen([sys.executable, "-m", "bridge", "serve", "--diagnostics"], cwd=ROOT,

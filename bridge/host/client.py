@@ -202,8 +202,11 @@ class Worker:
             report = "its stdout closed but it is still running"
         if hasattr(self._stderr, "fileno"):
             fd = self._stderr.fileno()
-            size = os.fstat(fd).st_size
-            report += f"; its stderr ends:\n{os.pread(fd, tail, max(0, size - tail)).decode(errors='replace')}"
+            try:  # a terminal, a pipe or a write-only file has no end to read back
+                ending = os.pread(fd, tail, max(0, os.fstat(fd).st_size - tail)).decode(errors="replace")
+            except OSError:
+                return report
+            report += f"; its stderr ends:\n{ending}"
         return report
 
     def close_input(self) -> None:
