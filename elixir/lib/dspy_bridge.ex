@@ -224,22 +224,18 @@ defmodule DSPyBridge do
   end
 
   # Whatever the codec raises, throws or exits with, and an open port's refusal of what the
-  # codec returned, leave nothing registered and reach the caller as they were.
+  # codec returned, leave nothing registered and reach the caller as they were. A closed port
+  # is no error here: the worker answers the request with its worker_exit error.
   defp write_request(pid, port, codec, ref, frame) do
     iodata = codec.pack!(frame)
     # what no port takes raises ArgumentError here, not a badarg (and a VM error log) in the port
     _ = IO.iodata_length(iodata)
-    Port.command(port, iodata)
+    DSPyBridge.Worker.command(port, iodata)
     {:ok, ref, pid}
   catch
     kind, reason ->
-      if kind == :error and reason == :badarg and Port.info(port) == nil do
-        # the port closed: the worker answers the request with its worker_exit error
-        {:ok, ref, pid}
-      else
-        DSPyBridge.Worker.forget(pid, ref)
-        :erlang.raise(kind, reason, __STACKTRACE__)
-      end
+      DSPyBridge.Worker.forget(pid, ref)
+      :erlang.raise(kind, reason, __STACKTRACE__)
   end
 
   defp put(map, _key, nil), do: map

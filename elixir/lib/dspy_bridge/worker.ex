@@ -110,6 +110,20 @@ defmodule DSPyBridge.Worker do
   def info(worker), do: GenServer.call(worker, :info)
 
   @doc false
+  # Writes a frame from outside the worker's process (a caller, a tool's task). A closed port
+  # is no error: the worker is going down and answers for what it registered. Anything else
+  # an open port refuses raises, as `Port.command/2` does.
+  @spec command(port, iodata) :: :ok
+  def command(port, iodata) do
+    Port.command(port, iodata)
+    :ok
+  catch
+    :error, :badarg ->
+      if Port.info(port) != nil, do: :erlang.raise(:error, :badarg, __STACKTRACE__)
+      :ok
+  end
+
+  @doc false
   # Drops a request registered by a caller that then failed to encode it.
   @spec forget(pid, reference) :: :ok
   def forget(worker, ref) do
@@ -460,15 +474,10 @@ defmodule DSPyBridge.Worker do
     end)
   end
 
-  # A closed port: the worker is going down, and no answer can reach Python. Anything else
-  # (a codec's result no port takes) fails the task, and `task_down/3` answers for it.
+  # A codec's result no port takes fails the task, and `task_down/3` answers for it.
   defp answer(port, iodata) do
-    Port.command(port, iodata)
+    command(port, iodata)
     :answered
-  catch
-    :error, :badarg ->
-      if Port.info(port) != nil, do: :erlang.error(:badarg, [port, iodata])
-      :answered
   end
 
   # The worker gave up on the call (rpc_cancel, or its timeout_ms passed): kill the task.
